@@ -28,11 +28,23 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
     STATE["debug"] = debug
 
 
+def _cache_dir() -> Path:
+    """Where the embedded tiny model is built (once per seed and corpus)."""
+    return Path(os.getenv("TUNEPIPE_CACHE", Path.home() / ".cache" / "tunepipe"))
+
+
 def _load_tokenizer(path: str, trust_remote_code: bool = False):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tunepipe.errors import ConfigError
     from tunepipe.models import load_tokenizer, resolve_model_path
 
-    return load_tokenizer(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    resolved = resolve_model_path(path, cache_dir=_cache_dir())
+    try:
+        return load_tokenizer(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        offline = " (offline: only local paths and 'tiny' work)" if os.getenv("HF_HUB_OFFLINE") == "1" else ""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot load a tokenizer from {path!r}{offline}: {first}", key="--tokenizer") from None
 
 
 def _stage_of(attr) -> str:

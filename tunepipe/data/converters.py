@@ -214,8 +214,10 @@ class SharegptConverter:
                     break
                 aligned.append({"role": self.tag_mapping[role], "content": content})
                 sources.append(turn + offset)
-        if drop is None and (len(aligned) % 2 == 0) == a.ranking:
-            drop = "empty_messages" if not messages else "invalid_message_count"
+        if drop is None and not aligned:
+            drop = "empty_messages"
+        elif drop is None and (len(aligned) % 2 == 0) == a.ranking:
+            drop = "invalid_message_count"
 
         prompt: list[dict[str, Any]] = []
         response: list[dict[str, Any]] = []

@@ -37,8 +37,10 @@ def histogram(lengths: list[int], cutoff_len: int, bins: int = 8) -> list[dict[s
         counts[min(length // width, bins - 1) if length <= cutoff_len else bins] += 1
     rows = [{"from": edges[i] + (1 if i else 0), "to": edges[i + 1] if i < bins - 1 else cutoff_len,
              "count": counts[i]} for i in range(bins)]
-    rows.append({"from": cutoff_len + 1, "to": max(lengths), "count": counts[bins]})
-    return [row for row in rows if row["count"] or row["to"] >= row["from"]]
+    if counts[bins]:
+        rows.append({"from": cutoff_len + 1, "to": max(lengths), "count": counts[bins]})
+    used = [i for i, row in enumerate(rows) if row["count"]]
+    return rows[used[0] : used[-1] + 1]  # no empty bins before the shortest or after the longest example
 
 
 def report(stage: str, datasets: list[str], health: Health, cutoff_len: int, notes: list[str] | None = None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,7 @@ def _load_script(attr: DatasetAttr, dataset_dir: Path, cache_dir: str | None, al
     # datasets>=4 no longer runs scripts itself, so we import the builder class and drive it directly.
     spec = importlib.util.spec_from_file_location(f"tunepipe_dataset_script_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # datasets re-imports the builder's module by name to hash it
     try:
         spec.loader.exec_module(module)
         builders = [obj for obj in vars(module).values() if isinstance(obj, type)
@@ -268,9 +270,12 @@ def load_raw(
     `rng` must be shared by all datasets of a run in LF's order: LF draws `num_samples` from the global numpy RNG
     that `transformers.set_seed(seed)` seeded, so `np.random.RandomState(seed)` reproduces its draw exactly.
     """
+    import datasets
+
     dataset_dir = Path(dataset_dir)
     files: list[tuple[str, int]] = []
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()  # our own report says what was loaded; per-file bars are noise
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # load failures become our own one-line errors
     if attr.load_from == "file":
         dataset, files = _load_local_files(attr, dataset_dir, cache_dir)
     elif attr.load_from == "hf_hub":

@@ -100,20 +100,39 @@ def row_issue(example: Example, stage: str) -> str | None:
 
 
 class BatchTokenizer:
-    """Tokenize many text pieces in one call; each piece on its own (`add_special_tokens=False`), like LF's
-    `tokenizer.encode(piece)`. Pieces that repeat within a batch (system prompts, template constants) are kept."""
+    """Tokenize many text pieces in one call; each piece on its own (`add_special_tokens=False`), as LF's
+    `tokenizer.encode(piece)` does. Pieces that repeat within a batch (system prompts, template constants) are kept.
+
+    For fast tokenizers the Rust backend's `encode_batch_fast` is used directly: it skips offset tracking and the
+    per-encoding Python conversion, which is most of the cost besides the tokenization itself. The first batch is
+    also encoded through the regular `tokenizer(...)` call and compared piece by piece; any difference (a tokenizer
+    class that adds Python-side processing) switches the fast path off for good.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.keep: dict[str, list[int]] = {}
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self.fast = getattr(tokenizer, "is_fast", False) and hasattr(backend, "encode_batch_fast")
+        self.verified = False
+
+    def _encode_pieces(self, pieces: list[str]) -> list[list[int]]:
+        if not self.fast:
+            return self.tokenizer(pieces, add_special_tokens=False)["input_ids"]
+        fast = [e.ids for e in self.tokenizer._tokenizer.encode_batch_fast(pieces, add_special_tokens=False)]
+        if not self.verified:
+            self.verified = True
+            if fast != self.tokenizer(pieces, add_special_tokens=False)["input_ids"]:
+                self.fast = False
+                return self._encode_pieces(pieces)
+        return fast
 
     def encode(self, element_lists: list[list[Element]]) -> list[list[int]]:
         counts = Counter(e for elems in element_lists for e in elems if isinstance(e, str) and e)
         pending = [piece for piece in counts if piece not in self.keep]
         ids = dict(self.keep)
         if pending:
-            encoded = self.tokenizer(pending, add_special_tokens=False)["input_ids"]
-            ids.update(zip(pending, encoded))
+            ids.update(zip(pending, self._encode_pieces(pending)))
             if len(self.keep) < 4096:
                 self.keep.update((piece, ids[piece]) for piece in pending if counts[piece] > 1)
         out = []

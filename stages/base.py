@@ -1,0 +1,33 @@
+"""base: pin the base model every stage chain starts from.
+
+    python -m stages.base
+
+`model_name_or_path: tiny` builds the embedded model deterministically into outputs/models/base (same seed and
+corpus -> same bytes, so DVC reruns nothing). A hub id or local path is recorded by reference in
+outputs/models/base/base_model.json instead of copying possibly many GB of weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+from stages import common
+
+
+def main(argv: list[str]) -> None:
+    from tunepipe.io import atomic_dir
+    from tunepipe.models import TINY, build_tiny_model
+
+    params = common.params()
+    model = params.model
+    with atomic_dir(common.base_model_dir()) as tmp:
+        if model.model_name_or_path == TINY:
+            build_tiny_model(tmp, seed=model.tiny_seed)
+        else:
+            (tmp / "base_model.json").write_text(json.dumps({"model_name_or_path": model.model_name_or_path},
+                                                            indent=2) + "\n")
+    print(f"base model: {model.model_name_or_path} -> {common.base_model_dir()}")
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,251 @@
+"""The typed schema of params.yaml: the one file a user edits.
+
+Keys follow LLaMA-Factory's names wherever the concept is the same (`model_name_or_path`, `template`, `cutoff_len`,
+`lora_rank`, `lora_target`, `pref_beta`, `pref_loss`, `learning_rate`, ...), so an LF YAML maps over line by line.
+Every field has a help string (`tunepipe params --help-keys` prints them) and every bad key or value is reported
+as one line naming the key path, e.g. `params.yaml: stages.dpo.pref_beta: Input should be greater than 0`.
+
+Training hyper-parameters live in `train:` (shared) and can be overridden per stage under `stages.<name>:`;
+LoRA settings likewise under `lora:` and `stages.<name>.lora:`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunepipe.errors import ConfigError
+
+STAGE_ORDER = ("cpt", "sft", "dpo", "kto")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelParams(Section):
+    model_name_or_path: str = Field("tiny", description="Base model: 'tiny' (embedded, built locally), a Hugging "
+                                                        "Face model id or a local directory.")
+    template: str = Field("qwen", description="Chat template used for training and written into every merged model.")
+    trust_remote_code: bool = Field(False, description="Allow custom model/tokenizer code from the model repo.")
+    tiny_seed: int = Field(0, description="Seed of the embedded tiny model (only for model_name_or_path: tiny).")
+
+
+class DataParams(Section):
+    dataset_dir: str = Field("data", description="Folder with dataset_info.json (relative to the project root).")
+    cutoff_len: int = Field(512, gt=1, description="Maximum tokens per example.")
+    preprocessing_batch_size: int = Field(1000, gt=0, description="Rows per processing batch (LF semantics).")
+    max_samples: int | None = Field(None, gt=0, description="Keep only the first N rows of each dataset (debug).")
+    val_size: float = Field(0.0, ge=0, description="Held-out split taken from the training data when a stage has "
+                                                   "no eval_dataset: fraction in (0,1) or a row count.")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over", "interleave_once"] = Field(
+        "concat", description="How to mix several datasets of one stage.")
+    tool_format: str | None = Field(None, description="Override the template's tool format.")
+    default_system: str | None = Field(None, description="Override the template's default system prompt.")
+    overlength: Literal["truncate", "drop"] = Field("truncate", description="Examples over cutoff_len: truncate "
+                                                                            "(LLaMA-Factory) or drop (counted).")
+    skip_bad_rows: bool = Field(False, description="Drop malformed rows (counted) instead of failing.")
+    allow_scripts: bool = Field(False, description="Allow dataset scripts (script_url) to run.")
+    seed: int = Field(42, description="Data seed (num_samples, interleaving, val split).")
+
+
+class LoraParams(Section):
+    finetuning_type: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter (merged after the "
+                                                                         "stage) or all weights.")
+    lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
+    lora_alpha: int | None = Field(None, gt=0, description="LoRA alpha; default 2 * lora_rank (LLaMA-Factory).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_target: str = Field("all", description="Comma-separated module names, or 'all' for every linear layer "
+                                                "except the output head.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    additional_target: str | None = Field(None, description="Modules trained fully and saved with the adapter "
+                                                            "(e.g. embed_tokens,lm_head when the vocab grows).")
+
+
+class TrainParams(Section):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 = use num_train_epochs.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Examples (or packed rows) per device step.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Eval batch size.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Steps accumulated per optimizer update.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of steps for linear warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    logging_steps: int = Field(5, gt=0, description="Log loss / lr / tokens per second every N steps.")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (resume after a kill).")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept.")
+    seed: int = Field(42, description="Training seed.")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; None = on when a GPU supports it, off on CPU.")
+    gradient_checkpointing: bool | None = Field(None, description="None = on with a GPU, off on CPU.")
+    packing: bool | None = Field(None, description="pt: pack into cutoff_len blocks (LF, default on); sft: "
+                                                   "padding-free packing at train time (default on).")
+
+
+class StageParams(TrainParams):
+    """One stage: its data and any override of the shared `train:` and `lora:` values."""
+
+    enabled: bool = Field(True, description="Run this stage; when off the next stage starts from the previous one.")
+    dataset: str = Field(..., description="Dataset name(s) from dataset_info.json, comma-separated.")
+    eval_dataset: str | None = Field(None, description="Held-out dataset name(s) for evaluation.")
+    lora: LoraParams | None = Field(None, description="LoRA overrides for this stage.")
+    # sft
+    train_on_prompt: bool = Field(False, description="sft: also train on prompt tokens.")
+    mask_history: bool = Field(False, description="sft: train on the last turn only.")
+    neat_packing: bool = Field(False, description="sft: LF's neat_packing in the exported data.")
+    # preference
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = Field(
+        "sigmoid", description="dpo stage loss: sigmoid/ipo/hinge (DPO family, reference = previous stage), orpo or "
+                               "simpo (reference-free).")
+    pref_beta: float = Field(0.1, gt=0, description="Preference beta (DPO/IPO/hinge/ORPO lambda/SimPO beta).")
+    pref_ftx: float = Field(0.0, ge=0, description="SFT loss weight added to the preference loss.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
+    kto_chosen_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples.")
+    kto_rejected_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples.")
+
+
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpt": {"dataset": "demo_cpt", "eval_dataset": "demo_cpt_eval"},
+    "sft": {"dataset": "demo_sft", "eval_dataset": "demo_sft_eval"},
+    "dpo": {"dataset": "demo_dpo", "eval_dataset": "demo_dpo_eval"},
+    "kto": {"dataset": "demo_kto", "eval_dataset": "demo_kto_eval", "enabled": False},
+}
+
+
+def _stage(name: str) -> Any:
+    return Field(default_factory=lambda: StageParams(**STAGE_DEFAULTS[name]),
+                 description=f"The {name} stage (defaults: {STAGE_DEFAULTS[name]}).")
+
+
+class StagesParams(Section):
+    cpt: StageParams = _stage("cpt")
+    sft: StageParams = _stage("sft")
+    dpo: StageParams = _stage("dpo")
+    kto: StageParams = _stage("kto")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_stage_defaults(cls, data: Any) -> Any:
+        """A stage written partially (`cpt: {enabled: false}`) keeps its default datasets."""
+        if isinstance(data, dict):
+            data = {name: {**STAGE_DEFAULTS[name], **value} if name in STAGE_DEFAULTS and isinstance(value, dict)
+                    else value for name, value in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _one_preference_stage(self) -> StagesParams:
+        if self.dpo.enabled and self.kto.enabled:
+            raise ValueError("enable at most one preference stage: dpo or kto (kto replaces dpo)")
+        if not any(getattr(self, name).enabled for name in STAGE_ORDER):
+            raise ValueError("every stage is disabled")
+        return self
+
+
+class EvaluateParams(Section):
+    max_new_tokens: int = Field(48, gt=0, description="Generation length for BLEU/ROUGE and samples.")
+    max_eval_samples: int = Field(64, gt=0, description="Held-out examples scored per metric.")
+    num_samples: int = Field(3, ge=0, description="Sample generations written to the metrics file.")
+
+
+class Gate(Section):
+    metric: str = Field(..., description="Metric key in metrics/evaluate.json (e.g. final.reward_accuracy).")
+    min: float | None = Field(None, description="Pass only if metric >= min.")
+    max: float | None = Field(None, description="Pass only if metric <= max.")
+
+
+class RegistryParams(Section):
+    model_name: str = Field("tunepipe-demo", description="MLflow registered model name.")
+    compare_metric: str = Field("final.reward_accuracy", description="Metric a new model must beat the current "
+                                                                     "champion on.")
+    higher_is_better: bool = Field(True, description="Direction of compare_metric.")
+    gates: list[Gate] = Field(default_factory=list, description="All must pass before a model can be champion.")
+
+
+class Params(Section):
+    model: ModelParams = Field(default_factory=ModelParams, description="Base model and chat template.")
+    data: DataParams = Field(default_factory=DataParams, description="Data processing options.")
+    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA defaults for every stage.")
+    train: TrainParams = Field(default_factory=TrainParams, description="Training defaults for every stage.")
+    stages: StagesParams = Field(default_factory=StagesParams, description="The stages, in order cpt, sft, dpo|kto.")
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Evaluation settings.")
+    registry: RegistryParams = Field(default_factory=RegistryParams, description="Registry and promotion gates.")
+
+    def enabled_stages(self) -> list[str]:
+        return [name for name in STAGE_ORDER if getattr(self.stages, name).enabled]
+
+    def stage(self, name: str) -> StageParams:
+        return getattr(self.stages, name)
+
+    def stage_train(self, name: str) -> TrainParams:
+        """The shared `train:` values with the stage's explicit overrides applied."""
+        stage = self.stage(name)
+        merged = self.train.model_dump()
+        merged.update({k: v for k, v in stage.model_dump(exclude_unset=True).items() if k in TrainParams.model_fields})
+        return TrainParams(**merged)
+
+    def stage_lora(self, name: str) -> LoraParams:
+        stage = self.stage(name)
+        merged = self.lora.model_dump()
+        if stage.lora is not None:
+            merged.update(stage.lora.model_dump(exclude_unset=True))
+        return LoraParams(**merged)
+
+    def previous_stage(self, name: str) -> str | None:
+        """The last enabled stage before `name` (its merged model is this stage's base); None = the base model."""
+        enabled = self.enabled_stages()
+        before = [s for s in STAGE_ORDER[: STAGE_ORDER.index(name)] if s in enabled]
+        return before[-1] if before else None
+
+
+def _format_error(err: ValidationError, file: str) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(root)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; `tunepipe params --keys` lists valid keys)"
+    elif "input" in first and first["type"] not in ("missing", "value_error"):
+        message = f"{message} (got {first['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return ConfigError(message + more, key=key, file=file)
+
+
+def parse_params(data: dict[str, Any] | None, file: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as err:
+        raise _format_error(err, file) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("file not found (run from the project root)", file=str(path)) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML{where}: {getattr(err, 'problem', err)}", file=str(path)) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("expected a mapping of sections (model, data, stages, ...)", file=str(path))
+    return parse_params(data, str(path))
+
+
+def describe_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[tuple[str, str]]:
+    """(key path, help) for every field, for `tunepipe params --keys` and docs."""
+    rows = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if nested is not None and name != "lora" or (nested is LoraParams and not prefix):
+            rows += describe_keys(nested, f"{prefix}{name}.")
+        else:
+            rows.append((f"{prefix}{name}", info.description or ""))
+    return rows
