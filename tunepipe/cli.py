@@ -194,12 +194,14 @@ def data_export(
                     tool_format=tool_format, default_system=default_system, allow_scripts=allow_scripts,
                     preprocessing_batch_size=preprocessing_batch_size, skip_bad_rows=skip_bad_rows,
                     overlength=overlength)
+    import orjson
+
     prepared = prepare(stage, dataset, args, _load_tokenizer(tokenizer))
     columns = prepared.train
     keys = list(columns)
-    with atomic_open(out, "w") as handle:
+    with atomic_open(out, "wb") as handle:
         for row in zip(*(columns[key] for key in keys)):
-            handle.write(json.dumps(dict(zip(keys, row)), ensure_ascii=False, separators=(",", ":")) + "\n")
+            handle.write(orjson.dumps(dict(zip(keys, row))) + b"\n")
     data = health.report(stage, prepared.datasets, prepared.health, cutoff_len, prepared.notes)
     if report:
         health.write(report, data)
