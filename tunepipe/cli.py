@@ -217,6 +217,194 @@ def data_templates() -> None:
     print("\n".join(template_names()))
 
 
+# ------------------------------------------------------------------------------------------------------ pipeline
+def _project(project: Path) -> Path:
+    """Make the project's flows/ and stages/ importable and set up quiet, local Prefect defaults."""
+    root = project.resolve()
+    if not (root / "params.yaml").exists():
+        from tunepipe.errors import ConfigError
+
+        raise ConfigError(f"no params.yaml in {root}: run from a tunepipe project (or pass --project)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return root
+
+
+@app.command("run")
+def run_pipeline(
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="Rerun this stage even if DVC says it is "
+                                                                       "up to date (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for a run already in progress instead of refusing.")] = False,
+    project: Annotated[Path, typer.Option(help="Project directory.")] = Path("."),
+) -> None:
+    """Run the pipeline: every stage DVC finds stale, in order, then register the model."""
+    from tunepipe.errors import TunepipeError
+
+    root = _project(project)
+    from flows.pipeline import PipelineBusy, pipeline, status_line
+
+    state = pipeline(project_dir=str(root), force=force or [], wait=wait, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, PipelineBusy):
+        raise TunepipeError(str(result))
+    if isinstance(result, BaseException):
+        raise TunepipeError(f"pipeline failed: {result}")
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(status_line(result))
+    if state.is_failed():
+        failed = next(r for r in result["stages"] if r["status"] == "failed")
+        print(f"error: {failed.get('error', 'a stage failed')}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve(
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * *' (every night at 02:00).")],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+    timezone: Annotated[Optional[str], typer.Option(help="IANA time zone of the schedule (default UTC).")] = None,
+    project: Annotated[Path, typer.Option(help="Project directory.")] = Path("."),
+) -> None:
+    """Run the pipeline on a schedule: starts (or reuses) a local Prefect server and serves a deployment."""
+    root = _project(project)
+    from flows.server import ensure_server
+
+    api_url = ensure_server(root)
+    os.environ["PREFECT_API_URL"] = api_url
+    from prefect import serve as prefect_serve
+
+    from flows.pipeline import schedule_deployment
+
+    print(f"serving deployment tunepipe-pipeline/{name} on '{cron}' via {api_url} "
+          f"(UI: {api_url.removesuffix('/api')}); Ctrl-C stops", file=sys.stderr)
+    prefect_serve(schedule_deployment(cron, project_dir=str(root), name=name, timezone=timezone))
+
+
+@app.command("params")
+def params_keys(keys: Annotated[bool, typer.Option("--keys", help="List every params.yaml key with its help.")] = True,
+                ) -> None:
+    """Describe params.yaml (every key, with its help text)."""
+    from tunepipe.config import describe_keys
+
+    rows = describe_keys()
+    width = max(len(key) for key, _ in rows)
+    print("\n".join(f"{key:<{width}}  {text}" for key, text in rows))
+
+
+# ---------------------------------------------------------------------------------------------- models and ui
+models_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry: versions, champion, rollback.")
+app.add_typer(models_app, name="models")
+
+
+def _registry_project(project: Path, name: Optional[str]) -> tuple[Path, str, str]:
+    """(root, registered model name, compare metric) from the project's params.yaml (or --name)."""
+    from tunepipe.config import RegistryParams, load_params
+    from tunepipe.errors import ConfigError
+    from tunepipe.tracking import DB_NAME, ENV_TRACKING_URI
+
+    root = project.resolve()
+    params_file = root / "params.yaml"
+    if params_file.exists():
+        registry = load_params(params_file).registry
+    elif os.getenv(ENV_TRACKING_URI) or (root / DB_NAME).exists():
+        registry = RegistryParams()
+    else:  # don't create an empty store in the wrong directory
+        raise ConfigError(f"no params.yaml and no {DB_NAME} in {root}: run from a tunepipe project (or pass "
+                          f"--project, or set {ENV_TRACKING_URI})")
+    return root, name or registry.model_name, registry.compare_metric
+
+
+NameOption = Annotated[Optional[str], typer.Option("--name", help="Registered model (default: params.yaml "
+                                                                  "registry.model_name).")]
+ProjectOption = Annotated[Path, typer.Option(help="Project directory.")]
+
+
+@models_app.command("list")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print [{version, aliases, metrics, ...}] as JSON.")] = False,
+    name: NameOption = None,
+    project: ProjectOption = Path("."),
+) -> None:
+    """List registered versions with their aliases (champion, candidate) and compare metric."""
+    from datetime import datetime
+
+    from tunepipe import tracking
+
+    root, name, metric = _registry_project(project, name)
+    rows = tracking.list_versions(root, name)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print(f"no versions of {name!r} registered yet")
+        return
+    header = ("version", "aliases", metric, "created")
+    table = [(str(r["version"]), ",".join(r["aliases"]) or "-",
+              f"{r['metrics'][metric]:.4f}" if metric in r["metrics"] else "-",
+              datetime.fromisoformat(r["created"]).astimezone().strftime("%Y-%m-%d %H:%M:%S")) for r in rows]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    print(f"{name}")
+    for row in [header, *table]:
+        print("  ".join(cell.rjust(w) if i in (0, 2) else cell.ljust(w) for i, (cell, w) in
+                        enumerate(zip(row, widths))).rstrip())
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[int, typer.Argument(help="Version to make champion.")],
+    name: NameOption = None,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Make VERSION the champion by hand (recorded in the champion history, so rollback undoes it)."""
+    from tunepipe import tracking
+
+    root, name, _ = _registry_project(project, name)
+    previous = tracking.promote(root, name, version)
+    was = f"was v{previous}" if previous is not None else "no previous champion"
+    print(f"champion: {name} v{version} ({'unchanged' if previous == version else was})")
+
+
+@models_app.command("rollback")
+def models_rollback(name: NameOption = None, project: ProjectOption = Path(".")) -> None:
+    """Move champion back to the previous champion."""
+    from tunepipe import tracking
+
+    root, name, _ = _registry_project(project, name)
+    new, old = tracking.rollback(root, name)
+    print(f"champion: {name} v{new} (rolled back from {f'v{old}' if old is not None else 'no champion'})")
+
+
+@app.command("ui")
+def ui(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="MLflow UI port.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the registry to the network.")]
+    = "127.0.0.1",
+    project: ProjectOption = Path("."),
+) -> None:
+    """Open the MLflow UI on this project's store (and tell how to open Prefect's)."""
+    import subprocess
+
+    from tunepipe import tracking
+
+    root, _, _ = _registry_project(project, None)
+    uri = tracking.tracking_uri(root)
+    tracking.ensure_store(uri)
+    command = tracking.ui_command(root, host=host, port=port)
+    print(f"MLflow UI: http://{host}:{port}  (store {uri}); Ctrl-C stops", file=sys.stderr)
+    print("Prefect UI: run `prefect server start --host 127.0.0.1` in another terminal, then open "
+          "http://127.0.0.1:4200", file=sys.stderr)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: anyone who can reach this port can read and change the registry",
+              file=sys.stderr)
+    raise typer.Exit(subprocess.call(command, cwd=root))
+
+
 def main() -> None:
     from tunepipe.errors import TunepipeError
 

@@ -1,0 +1,1 @@
+"""Prefect flows: drive the DVC stages (they know stages only through dvc.yaml)."""

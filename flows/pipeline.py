@@ -1,0 +1,234 @@
+"""The pipeline flow: run the project's DVC stages in dependency order, one Prefect task per stage.
+
+DVC owns the DAG and decides what is stale (content hashes of data, params and code; dvc.lock); this flow only
+knows stage names, which it reads from dvc.yaml through DVC's own index. Prefect adds what DVC lacks: retries,
+per-stage logs and timings, artifacts (stage table, metrics, registry decision), schedules and work pools.
+MLflow gets one parent run per execution; each stage process opens its child run under it (TUNEPIPE_PARENT_RUN_ID)
+and the flow tags it with the stage's DVC hashes from dvc.lock afterwards.
+
+    tunepipe run [--force STAGE ...] [--json]      # ephemeral Prefect, nothing to start
+    tunepipe serve --cron "0 2 * * *"               # a local Prefect server + a scheduled deployment
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
+
+RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
+LOCK_FILE = "outputs/.pipeline.lock"
+
+
+class PipelineBusy(RuntimeError):
+    """Another pipeline run holds this project's lock."""
+
+
+@contextmanager
+def project_lock(root: Path, *, wait: bool = False) -> Iterator[None]:
+    """One pipeline run at a time per project directory (an OS lock: released even if the process is killed)."""
+    path = root / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise PipelineBusy(f"another pipeline run is in progress in {root} ({holder}); "
+                               "wait for it or use --wait") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def dvc(root: Path, *args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True,
+                          **kwargs)
+
+
+def stage_order(root: Path) -> list[str]:
+    """Stage names from dvc.yaml in dependency order (DVC's index graph: edges point to dependencies)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        order = list(reversed(list(nx.topological_sort(graph))))
+        return [stage.addressing for stage in order if stage.addressing.split(":")[-1] != "" and
+                not stage.addressing.endswith(".dvc")]
+
+
+def pipeline_up_to_date(root: Path) -> bool:
+    """`dvc status` says nothing is stale (it cannot say *what* will rerun downstream, only whether anything is)."""
+    proc = dvc(root, "status", "--json")
+    return proc.returncode == 0 and json.loads(proc.stdout or "{}") == {}
+
+
+def _stage_env(root: Path, parent_run_id: str | None, lineage: dict[str, Any]) -> dict[str, str]:
+    from tunepipe import tracking
+
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(root)
+    env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")
+    if parent_run_id:
+        env[tracking.PARENT_RUN_ENV] = parent_run_id
+    env[tracking.LINEAGE_ENV] = json.dumps(lineage)
+    return env
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only what a retry can fix: DVC's lock contention, not a failing training run."""
+    try:
+        state.result()
+    except Exception as err:  # the task's exception
+        return any(text in str(err) for text in ("Unable to acquire lock", "is busy", "database is locked"))
+    return False
+
+
+@task(name="dvc-stage", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, task_run_name="{name}")
+def run_stage(root: str, name: str, force: bool, env: dict[str, str]) -> dict[str, Any]:
+    """`dvc repro --single-item <stage>`: DVC decides whether it runs; its output goes to the Prefect log."""
+    logger = get_run_logger()
+    args = ["repro", "--single-item", name] + (["--force"] if force else [])
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    ran, tail = False, []
+    for line in proc.stdout:
+        line = line.rstrip()
+        if not line:
+            continue
+        ran |= line.startswith(f"Running stage '{name}'")
+        tail = (tail + [line])[-40:]
+        logger.info("%s | %s", name, line)
+    code = proc.wait()
+    seconds = round(time.perf_counter() - started, 2)
+    if code != 0:
+        message = next((l for l in reversed(tail) if l.startswith(("error:", "ERROR:"))), tail[-1] if tail else "")
+        raise RuntimeError(f"stage {name} failed (exit {code}): {message}")
+    return {"name": name, "status": RAN if ran else SKIPPED, "seconds": seconds}
+
+
+def _git_commit(root: Path) -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _lock_hashes(root: Path, stage: str) -> dict[str, str]:
+    """deps/outs md5 of a stage from dvc.lock: the lineage tags of its MLflow run."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return {}
+    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
+    hashes = {}
+    for kind in ("deps", "outs"):
+        for item in entry.get(kind, []):
+            hashes[f"dvc.{kind}.{item['path']}"] = item.get("md5", "")
+    return hashes
+
+
+def _summary_markdown(results: list[dict[str, Any]], decision: dict[str, Any] | None) -> str:
+    lines = ["| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['status']} | {r['seconds']} |" for r in results]
+    if decision:
+        lines += ["", f"**registry**: version {decision.get('version')} → {', '.join(decision.get('aliases', []))}"
+                  f" ({'promoted' if decision.get('promoted') else 'not promoted'}: "
+                  f"{'; '.join(decision.get('reasons', []))})"]
+    return "\n".join(lines)
+
+
+@flow(name="tunepipe-pipeline", log_prints=True)
+def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool = False) -> dict[str, Any]:
+    """Run the project's DVC pipeline stage by stage. Returns {"stages": [...], "model": {...} | None}."""
+    from stages import dag
+    from tunepipe import tracking
+
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    force = list(force or [])
+    with project_lock(root, wait=wait):
+        if dag.sync(root):
+            logger.info("dvc.yaml regenerated from params.yaml (enabled stages changed)")
+        order = stage_order(root)
+        unknown = [s for s in force if s not in order]
+        if unknown:
+            raise ValueError(f"unknown stage(s) to force: {', '.join(unknown)}; stages: {', '.join(order)}")
+        uri = tracking.tracking_uri(root)
+        tracking.ensure_store(uri)
+        commit = _git_commit(root)
+        parent = tracking.start_pipeline_run(root, tags={"git_commit": commit or "", "forced": ",".join(force)})
+        env = _stage_env(root, parent, {"git_commit": commit})
+
+        results: list[dict[str, Any]] = []
+        if not force and pipeline_up_to_date(root):
+            logger.info("dvc status: everything is up to date, nothing to run")
+            results = [{"name": name, "status": SKIPPED, "seconds": 0.0} for name in order]
+        else:
+            for name in order:
+                try:
+                    result = run_stage(str(root), name, name in force, env)
+                except Exception as err:
+                    results.append({"name": name, "status": FAILED, "seconds": 0.0, "error": str(err)})
+                    results += [{"name": n, "status": SKIPPED, "seconds": 0.0} for n in order[len(results):]]
+                    break
+                results.append(result)
+                if result["status"] == RAN:
+                    tracking.tag_stage_run(parent, name, _lock_hashes(root, name))
+
+        failed = [r for r in results if r["status"] == FAILED]
+        decision = None
+        register = root / "metrics" / "register.json"
+        if not failed and register.exists():
+            decision = json.loads(register.read_text())
+        tracking.finish_pipeline_run(parent, results, failed=bool(failed))
+        create_table_artifact(key="stage-results", table=[{k: r[k] for k in ("name", "status", "seconds")}
+                                                          for r in results], description="tunepipe stages")
+        evaluate = root / "metrics" / "evaluate.json"
+        if evaluate.exists():
+            create_markdown_artifact(key="metrics", markdown="```json\n" + evaluate.read_text() + "\n```")
+        create_markdown_artifact(key="pipeline-summary", markdown=_summary_markdown(results, decision))
+        if failed:  # a failed flow run that still carries the per-stage table for the CLI
+            return Failed(message=failed[0]["error"], data={"stages": results, "model": None})
+        model = None
+        if decision:
+            model = {"name": decision.get("name"), "version": decision.get("version"),
+                     "aliases": tracking.current_aliases(root, decision.get("name"), decision.get("version"))}
+        return {"stages": results, "model": model}
+
+
+def schedule_deployment(cron: str, *, project_dir: str = ".", name: str = "nightly", timezone: str | None = None):
+    """The deployment `tunepipe serve` serves: this flow on a cron schedule (needs a Prefect server)."""
+    from prefect.schedules import Cron
+
+    schedule = Cron(cron, timezone=timezone) if timezone else Cron(cron)
+    return pipeline.to_deployment(name=name, schedules=[schedule], parameters={"project_dir": project_dir},
+                                  concurrency_limit=1, description="tunepipe pipeline on a schedule")
+
+
+def status_line(result: dict[str, Any]) -> str:
+    width = max((len(r["name"]) for r in result["stages"]), default=5)
+    lines = [f"{r['name']:<{width}}  {r['status']:<7}  {r['seconds']:>7.1f}s" for r in result["stages"]]
+    model = result.get("model")
+    if model:
+        lines.append(f"model {model['name']} version {model['version']}: {', '.join(model['aliases']) or '-'}")
+    return "\n".join(lines)
+
