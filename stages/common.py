@@ -72,17 +72,54 @@ def params() -> Params:
     return load_params(ROOT / "params.yaml")
 
 
+def tracking_enabled() -> bool:
+    """Stages are tracked when the pipeline flow runs them (it exports the store and the parent run) or when the
+    project already has an MLflow store; TUNEPIPE_TRACKING=0 turns it off."""
+    if os.getenv("TUNEPIPE_TRACKING") == "0":
+        return False
+    return bool(os.getenv("TUNEPIPE_PARENT_RUN_ID") or os.getenv("MLFLOW_TRACKING_URI")
+                or (ROOT / "mlflow.db").exists())
+
+
+def log_stage_outputs(stage: str, name: str) -> None:
+    """Attach what the stage wrote to its MLflow run: its metrics files as metrics, reports and plots as files."""
+    from tunepipe import tracking
+
+    key = name.split("@")[-1]
+    for path in sorted(METRICS.glob("*.json")):
+        if path.stem.endswith(f"_{key}") or path.stem == stage:
+            tracking.log_metrics_file(path, prefix=f"{path.stem}.")
+            tracking.log_artifact_file(path, "metrics")
+    for path in sorted(PLOTS.glob(f"*_{key}.*")):
+        tracking.log_artifact_file(path, "plots")
+    if stage == "prepare" and (data_dir(key) / "health.json").exists():
+        tracking.log_artifact_file(data_dir(key) / "health.json", "data")
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-    """Run a stage's main with the CLI's error policy: user errors are one line and exit 2; `--debug` or
-    TUNEPIPE_DEBUG=1 shows tracebacks."""
+    """Run a stage's main with the CLI's error policy (user errors are one line and exit 2; `--debug` or
+    TUNEPIPE_DEBUG=1 shows tracebacks) inside the stage's MLflow child run when tracking is on."""
+    from contextlib import nullcontext
+
     from tunepipe.errors import TunepipeError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = [a for a in sys.argv[1:] if a != "--debug"]
     debug = "--debug" in sys.argv[1:] or os.getenv("TUNEPIPE_DEBUG") == "1"
+    stage = Path(sys.argv[0]).stem if sys.argv[0] else "stage"
+    name = os.getenv("DVC_STAGE") or "@".join([stage, *argv[:1]])
     try:
-        main(argv)
+        if tracking_enabled():
+            from tunepipe import tracking
+
+            context = tracking.stage_run(ROOT, name)
+        else:
+            context = nullcontext()
+        with context:
+            main(argv)
+            if tracking_enabled():
+                log_stage_outputs(stage, name)
     except TunepipeError as err:
         if debug:
             raise

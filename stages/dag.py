@@ -23,8 +23,8 @@ from stages import common
 
 DATA_CODE = ["tunepipe/data"]
 TRAIN_CODE = ["stages/train.py", "tunepipe/training.py", "tunepipe/models.py"]
-MERGE_CODE = ["stages/merge.py", "tunepipe/merging.py", "tunepipe/data/templates.py"]
-EVAL_CODE = ["stages/evaluate.py", "tunepipe/evaluation.py", "tunepipe/metrics.py"]
+MERGE_CODE = ["stages/merge.py", "tunepipe/merging.py", "tunepipe/data"]
+EVAL_CODE = ["stages/evaluate.py", "tunepipe/evaluation.py", "tunepipe/metrics.py", "tunepipe/data"]
 REGISTER_CODE = ["stages/register.py", "tunepipe/tracking.py"]
 HEADER = ("# Generated from params.yaml by `python -m stages.dag` (tunepipe run does it for you): edit params.yaml,\n"
           "# not this file. One chain of stages per enabled stage; see docs/pipeline.md.\n")
@@ -75,6 +75,10 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
     slots = max(len(paths) for paths in files.values())
     prepare = {stage: {f"data{i}": (paths[i] if i < len(paths) else paths[0]) for i in range(slots)}
                for stage, paths in files.items()}
+    for stage in enabled:  # merge checks the chat template on the stage's own conversations
+        merge[stage].update(prepare[stage])
+    data_slots = [f"${{item.data{i}}}" for i in range(slots)]
+    pref = [s for s in enabled if s in ("dpo", "kto")]
 
     final = enabled[-1]
     raw = raw if raw is not None else {}
@@ -104,7 +108,7 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
                     "cmd": "python -m stages.prepare ${key}",
                     "params": present("model", "data", "stages.${key}", "train.packing"),
                     "deps": ["stages/prepare.py", *DATA_CODE, f"{data_dir}/dataset_info.json", "outputs/models/base",
-                             *[f"${{item.data{i}}}" for i in range(slots)]],
+                             *data_slots],
                     "outs": ["outputs/data/${key}"],
                     "metrics": [{"metrics/data_${key}.json": {"cache": False}}],
                 },
@@ -125,17 +129,20 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
                 "foreach": merge,
                 "do": {
                     "cmd": "python -m stages.merge ${key}",
-                    "params": present("model", "lora", "stages.${key}"),
-                    "deps": [*_existing(MERGE_CODE), "outputs/adapters/${key}", "${item.input}"],
+                    "params": present("model", "data", "lora", "stages.${key}", "evaluate"),
+                    "deps": [*_existing(MERGE_CODE), f"{data_dir}/dataset_info.json", "outputs/adapters/${key}",
+                             "${item.input}", *data_slots],
                     "outs": [{"outputs/models/${key}": {"cache": False}}],
                     "metrics": [{"metrics/merge_${key}.json": {"cache": False}}],
                 },
             },
             "evaluate": {
                 "cmd": "python -m stages.evaluate",
-                "params": present("evaluate", "model", *[f"stages.{s}.pref_beta" for s in enabled if s in ("dpo", "kto")]),
-                "deps": [*_existing(EVAL_CODE), "outputs/models/base", *[f"outputs/models/{s}" for s in enabled],
-                         *[f"outputs/data/{s}" for s in enabled]],
+                "params": present("evaluate", "model", "data", "train", *[f"stages.{s}" for s in ("sft", *pref)
+                                                                          if s in enabled]),
+                "deps": [*_existing(EVAL_CODE), f"{data_dir}/dataset_info.json", "outputs/models/base",
+                         *[f"outputs/models/{s}" for s in enabled], *[f"outputs/data/{s}" for s in enabled],
+                         *(files["sft"] if "sft" in enabled else [])],
                 "metrics": [{"metrics/evaluate.json": {"cache": False}}],
                 "outs": [{"metrics/samples.json": {"cache": False}}],
             },

@@ -388,6 +388,7 @@ def ui(
     project: ProjectOption = Path("."),
 ) -> None:
     """Open the MLflow UI on this project's store (and tell how to open Prefect's)."""
+    import signal
     import subprocess
 
     from tunepipe import tracking
@@ -402,7 +403,27 @@ def ui(
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this port can read and change the registry",
               file=sys.stderr)
-    raise typer.Exit(subprocess.call(command, cwd=root))
+    # MLflow's GenAI job runner starts ~7 worker processes; browsing runs and the registry needs none of them
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.getenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+                                                                          "false")}
+    server = subprocess.Popen(command, cwd=root, env=env)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: `mlflow ui` forwards SIGTERM to its server processes
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(code)
 
 
 def main() -> None:

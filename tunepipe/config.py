@@ -164,6 +164,10 @@ class RegistryParams(Section):
                                                                      "champion on.")
     higher_is_better: bool = Field(True, description="Direction of compare_metric.")
     gates: list[Gate] = Field(default_factory=list, description="All must pass before a model can be champion.")
+    store: Literal["copy", "reference"] = Field(
+        "copy", description="copy: log the final model's files as MLflow artifacts (self-contained registry); "
+                            "reference: register its absolute path only (no extra copy; restore old versions "
+                            "with git checkout + dvc checkout).")
 
 
 class Params(Section):

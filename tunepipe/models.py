@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 TINY = "tiny"
@@ -62,7 +62,7 @@ class TinyConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    max_position_embeddings: int = 1024
+    max_position_embeddings: int = 2048  # = LLaMA-Factory's default cutoff_len
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
     # Untied output head, initialised wider than the rest. With the usual 0.02 (tied or not) the largest logit a
@@ -174,7 +174,6 @@ def tiny_build_key(*, seed: int, corpus_files: Sequence[Path], config: TinyConfi
 def _write_tiny(out_dir: Path, *, seed: int, corpus_files: Sequence[Path], config: TinyConfig) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     tok = train_tiny_tokenizer(corpus_files, config.vocab_size)
@@ -239,27 +238,34 @@ def _fix_permissions(path: Path) -> None:
         child.chmod(0o666 & ~umask)
 
 
+def _corpus(corpus_files: Sequence[str | Path] | None) -> list[Path]:
+    corpus = [Path(p) for p in (corpus_files if corpus_files is not None else default_corpus_files())]
+    missing = [str(p) for p in corpus if not p.is_file()]
+    if missing:
+        hint = "" if corpus_files is not None else " (the default corpus is the project's data/ folder)"
+        raise FileNotFoundError(f"tiny model: corpus file(s) not found{hint}: {', '.join(missing)}")
+    return corpus
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    corpus_files: Sequence[Path] | None = None,
-    vocab_size: int = TinyConfig.vocab_size,
+    corpus_files: Sequence[str | Path] | None = None,
+    vocab_size: int | None = None,
     config: TinyConfig | None = None,
 ) -> Path:
     """Build the tiny model + tokenizer into `out_dir` (replaced if it exists) and return its path.
 
+    `corpus_files` defaults to the shipped demo datasets; `vocab_size` (BPE target) overrides `config.vocab_size`.
     The directory is assembled in a temporary sibling and renamed into place, so a crash never leaves a
     half-written model at `out_dir`. Same seed + corpus + config => byte-identical files.
     """
     out_dir = Path(out_dir).resolve()
-    corpus = [Path(p) for p in (corpus_files if corpus_files is not None else default_corpus_files())]
-    missing = [str(p) for p in corpus if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"tiny model: corpus file(s) not found: {', '.join(missing)}")
-    cfg = config if config is not None else TinyConfig(vocab_size=vocab_size)
-    if config is not None and vocab_size != TinyConfig.vocab_size and vocab_size != config.vocab_size:
-        raise ValueError("pass vocab_size either directly or inside config, not both")
+    corpus = _corpus(corpus_files)
+    cfg = config if config is not None else TinyConfig()
+    if vocab_size is not None:
+        cfg = replace(cfg, vocab_size=vocab_size)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -285,15 +291,19 @@ def _is_complete(path: Path) -> bool:
 def resolve_model_path(
     model_name_or_path: str,
     *,
-    cache_dir: Path,
+    cache_dir: str | Path,
     seed: int = 0,
-    corpus_files: Sequence[Path] | None = None,
+    corpus_files: Sequence[str | Path] | None = None,
     config: TinyConfig | None = None,
 ) -> str:
-    """`"tiny"` -> path of the built tiny model (built on first use into cache_dir/tiny-<hash>); else unchanged."""
+    """`"tiny"` -> path of the built tiny model (built on first use into cache_dir/tiny-<hash>); else unchanged.
+
+    The hash covers the seed, the config, the corpus bytes and TINY_BUILD_VERSION, so a changed demo corpus
+    gives a new directory (and a new model) rather than a stale one. Safe against concurrent first use.
+    """
     if model_name_or_path != TINY:
         return model_name_or_path
-    corpus = [Path(p) for p in (corpus_files if corpus_files is not None else default_corpus_files())]
+    corpus = _corpus(corpus_files)
     cfg = config if config is not None else TinyConfig()
     target = Path(cache_dir).resolve() / f"{TINY}-{tiny_build_key(seed=seed, corpus_files=corpus, config=cfg)}"
     if _is_complete(target):

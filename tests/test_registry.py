@@ -1,0 +1,301 @@
+"""Registry and promotion: decide_promotion (pure), champion/candidate aliases, history, rollback, manual promote,
+`tunepipe models ...` / `tunepipe ui`, and the register stage end to end in a tmp project."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tests.test_tracking as shared
+from tests.conftest import ROOT
+from tunepipe import tracking
+from tunepipe.cli import main
+from tunepipe.config import Gate
+from tunepipe.tracking import Decision, RegistryError, decide_promotion
+
+# the pre-migrated store fixtures of test_tracking.py (the template DB is migrated once per session for both)
+mlflow_template, project, _real_store_untouched = shared.mlflow_template, shared.project, shared._real_store_untouched
+
+NAME = "tiny-model"
+METRIC = "final.reward_accuracy"
+LOSS = "final.loss"
+GATES = [{"metric": METRIC, "min": 0.6}]
+
+
+# ---------------------------------------------------------------------------------------------- decide_promotion
+@pytest.mark.parametrize("metrics, gates, champion, compare, higher, promote, fragment", [
+    # no champion: gates decide
+    ({"final": {"reward_accuracy": 0.7}}, GATES, None, METRIC, True, True, "no champion yet"),
+    ({"final": {"reward_accuracy": 0.5}}, GATES, None, METRIC, True, False, "FAILED"),
+    # flat keys work too; a missing gate metric fails
+    ({METRIC: 0.9}, [{"metric": LOSS, "max": 2.0}], None, METRIC, True, False, "missing"),
+    # better / worse / equal vs champion
+    ({METRIC: 0.8}, GATES, {METRIC: 0.7}, METRIC, True, True, "better"),
+    ({METRIC: 0.65}, GATES, {METRIC: 0.7}, METRIC, True, False, "not better"),
+    ({METRIC: 0.7}, GATES, {METRIC: 0.7}, METRIC, True, False, "=="),
+    # better but a gate fails
+    ({METRIC: 0.8, LOSS: 3.0}, [{"metric": LOSS, "max": 2.0}], {METRIC: 0.7}, METRIC, True, False, "FAILED"),
+    # lower is better
+    ({"final": {"loss": 1.0}}, [], {"final": {"loss": 1.2}}, LOSS, False, True, "better"),
+    ({"final": {"loss": 1.3}}, [], {"final": {"loss": 1.2}}, LOSS, False, False, "not better"),
+    ({"final": {"loss": 1.2}}, [], {LOSS: 1.2}, LOSS, False, False, "=="),
+    # gates with min and max, given as the Gate models of params.yaml
+    ({METRIC: 0.8, LOSS: 1.0}, [Gate(metric=METRIC, min=0.6, max=0.95), Gate(metric=LOSS, max=1.5)], None, METRIC,
+     True, True, "passed"),
+    # nothing to compare: the new metric missing or NaN, the champion lacking it
+    ({"final": {"other": 1.0}}, [], None, METRIC, True, False, "cannot compare"),
+    ({METRIC: math.nan}, [], None, METRIC, True, False, "cannot compare"),
+    ({METRIC: 0.9}, [], {"final": {"other": 1.0}}, METRIC, True, False, "promote manually"),
+])
+def test_decide_promotion(metrics, gates, champion, compare, higher, promote, fragment):
+    decision = decide_promotion(metrics, gates, champion, compare, higher)
+    assert decision.promote is promote
+    assert any(fragment in reason for reason in decision.reasons), decision.reasons
+    assert len(decision.gate_results) == len(gates)
+
+
+def test_gate_results_shape():
+    decision = decide_promotion({METRIC: 0.5}, GATES, None, METRIC, True)
+    assert decision.gate_results == [{"metric": METRIC, "value": 0.5, "min": 0.6, "max": None, "passed": False}]
+    assert decision.promote is False and decision.reasons[0].startswith(f"gate {METRIC} >= 0.6: 0.5 FAILED")
+
+
+# ------------------------------------------------------------------------------------------------------- registry
+def fake_model(root: Path, stage: str = "dpo") -> Path:
+    model = root / "outputs" / "models" / stage
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))
+    (model / "model.safetensors").write_bytes(os.urandom(4096))
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    return model
+
+
+def register(root: Path, accuracy: float, store: str = "copy") -> tracking.Registration:
+    model = fake_model(root)
+    with tracking.stage_run(root, "register") as run:
+        return tracking.register_and_promote(
+            root, model, name=NAME, run_id=run.info.run_id, metrics={"final": {"reward_accuracy": accuracy}},
+            lineage={"git_commit": "c0ffee"}, gates=GATES, compare_metric=METRIC, store=store)
+
+
+def aliases(root: Path) -> dict[int, list[str]]:
+    return {row["version"]: row["aliases"] for row in tracking.list_versions(root, NAME)}
+
+
+def test_first_model_becomes_champion_with_metrics_and_lineage(project):
+    result = register(project, 0.7)
+    assert (result.version, result.aliases, result.decision.promote, result.previous_champion) == (
+        1, ["champion"], True, None)
+    (row,) = tracking.list_versions(project, NAME)
+    assert row["metrics"] == {METRIC: 0.7} and row["tags"]["lineage.git_commit"] == "c0ffee"
+    assert row["tags"][tracking.DECISION_TAG] == "champion" and row["source"].startswith("runs:/")
+    assert list((project / "mlartifacts").rglob("model/model.safetensors"))  # copied
+    assert tracking.champion_history(project, NAME) == [1]
+    assert tracking.champion(project, NAME) == {"version": 1, "metrics": {METRIC: 0.7}}
+
+
+def test_worse_model_becomes_candidate_then_better_one_moves_champion(project):
+    register(project, 0.7)
+    worse = register(project, 0.65)
+    assert worse.aliases == ["candidate"] and not worse.decision.promote
+    assert aliases(project) == {1: ["champion"], 2: ["candidate"]}
+    failing = register(project, 0.5)  # gate fails: candidate moves to it
+    assert aliases(project) == {1: ["champion"], 2: [], 3: ["candidate"]}
+    assert failing.decision.gate_results[0]["passed"] is False
+    better = register(project, 0.8)
+    assert better.aliases == ["champion"] and better.previous_champion == 1
+    assert aliases(project) == {1: [], 2: [], 3: [], 4: ["champion"]}  # superseded candidate cleared
+    assert tracking.champion_history(project, NAME) == [1, 4]
+
+
+def test_rollback_restores_previous_champion_and_errors_when_none(project):
+    register(project, 0.7)
+    with pytest.raises(RegistryError, match="no previous champion"):
+        tracking.rollback(project, NAME)
+    register(project, 0.8)
+    register(project, 0.9)
+    assert tracking.rollback(project, NAME) == (2, 3)
+    assert aliases(project)[2] == ["champion"]
+    assert tracking.rollback(project, NAME) == (1, 2)
+    with pytest.raises(RegistryError, match="no previous champion"):
+        tracking.rollback(project, NAME)
+    # the next automatic registration compares against the rolled-back champion
+    assert register(project, 0.75).decision.promote
+
+
+def test_manual_promote_is_recorded_so_rollback_undoes_it(project):
+    register(project, 0.7)
+    register(project, 0.65)  # candidate
+    assert tracking.promote(project, NAME, 2) == 1
+    assert aliases(project) == {1: [], 2: ["champion"]}  # candidate alias went with the promotion
+    assert tracking.rollback(project, NAME) == (1, 2)
+    with pytest.raises(RegistryError, match="has no version 9 .versions: 1, 2"):
+        tracking.promote(project, NAME, 9)
+    with pytest.raises(RegistryError, match="no registered model"):
+        tracking.promote(project, "nope", 1)
+
+
+def test_apply_decision_and_register_model_separately_with_reference_store(project):
+    model = fake_model(project)
+    with tracking.stage_run(project, "register") as run:
+        version = tracking.register_model(project, model, name=NAME, run_id=run.info.run_id,
+                                          metrics={METRIC: 0.9}, lineage={}, store="reference")
+    assert aliases(project) == {1: []}  # registered, no alias until the decision is applied
+    assert tracking.apply_decision(project, NAME, version, Decision(False, ["manual check"])) == ["candidate"]
+    (row,) = tracking.list_versions(project, NAME)
+    assert row["source"] == str(model.resolve()) and row["tags"][tracking.STORE_TAG] == "reference"
+    assert not list((project / "mlartifacts").rglob("model.safetensors"))  # nothing copied
+
+
+def test_list_versions_of_unknown_model_is_empty(project):
+    assert tracking.list_versions(project, "nope") == []
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["tunepipe", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_list_promote_rollback_cli(project, monkeypatch, capsys):
+    register(project, 0.7)
+    register(project, 0.6)
+    capsys.readouterr()
+    where = ["--name", NAME, "--project", str(project)]
+    code, out, _ = cli(monkeypatch, capsys, "models", "list", "--json", *where)
+    rows = json.loads(out)
+    assert code == 0 and [(r["version"], r["aliases"], r["metrics"]) for r in rows] == [
+        (1, ["champion"], {METRIC: 0.7}), (2, ["candidate"], {METRIC: 0.6})]
+    assert {"version", "aliases", "metrics", "created"} <= set(rows[0])
+    code, out, _ = cli(monkeypatch, capsys, "models", "list", *where)
+    assert code == 0 and METRIC in out.splitlines()[1] and "champion" in out and "candidate" in out
+
+    code, out, _ = cli(monkeypatch, capsys, "models", "promote", "2", *where)
+    assert code == 0 and out.strip() == f"champion: {NAME} v2 (was v1)"
+    code, out, _ = cli(monkeypatch, capsys, "models", "rollback", *where)
+    assert code == 0 and out.strip() == f"champion: {NAME} v1 (rolled back from v2)"
+    code, out, err = cli(monkeypatch, capsys, "models", "rollback", *where)
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and "no previous" in err
+    code, _, err = cli(monkeypatch, capsys, "models", "promote", "7", *where)
+    assert code == 2 and "has no version 7" in err
+
+
+def test_models_cli_outside_a_project_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(tracking.ENV_TRACKING_URI, raising=False)
+    code, _, err = cli(monkeypatch, capsys, "models", "list", "--project", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "no params.yaml" in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_ui_runs_mlflow_ui_on_localhost(project, monkeypatch, capsys):
+    (project / "params.yaml").write_text("registry:\n  model_name: x\n")
+    started = []
+
+    class FakeServer:
+        def __init__(self, command, **kwargs):
+            started.append((command, kwargs))
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeServer)
+    code, _, err = cli(monkeypatch, capsys, "ui", "--project", str(project), "--port", "5055")
+    (command, kwargs), = started
+    assert code == 0 and command[:4] == [sys.executable, "-m", "mlflow", "ui"]
+    assert command[command.index("--host") + 1] == "127.0.0.1" and command[command.index("--port") + 1] == "5055"
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{project / 'mlflow.db'}"
+    assert command[command.index("--artifacts-destination") + 1] == str(project / "mlartifacts")
+    assert kwargs["cwd"] == project and kwargs["env"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert "prefect server start --host 127.0.0.1" in err and "http://127.0.0.1:4200" in err
+
+
+# --------------------------------------------------------------------------------------------- register stage
+PARAMS = """\
+stages:
+  cpt: {enabled: false}
+  kto: {enabled: false}
+registry:
+  model_name: tiny-model
+  compare_metric: final.reward_accuracy
+  gates:
+    - metric: final.reward_accuracy
+      min: 0.6
+"""
+
+
+def stage_project(root: Path, accuracy: float) -> None:
+    (root / "params.yaml").write_text(PARAMS)
+    fake_model(root, "dpo")
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / "evaluate.json").write_text(json.dumps({
+        "base": {"reward_accuracy": 0.5}, "sft": {"sft_eval_loss": 2.1},
+        "final": {"reward_accuracy": accuracy, "sft_eval_loss": 1.9, "cpt_perplexity": 30.0},
+        "samples": [{"prompt": "hi", "output": "yo"}]}))
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  merge@dpo:\n    cmd: python -m stages.merge dpo\n"
+                                   "    outs:\n    - path: outputs/models/dpo\n      hash: md5\n"
+                                   "      md5: 0123abcd.dir\n")
+
+
+def test_register_stage_end_to_end(project):
+    """`python -m stages.register` in a tmp project, as the flow runs it: child of the pipeline run, lineage."""
+    stage_project(project, 0.7)
+    parent = tracking.start_pipeline_run(project)
+    env = {**os.environ, **tracking.stage_env(project, parent, {"git_commit": "feedbeef", "pipeline": "nightly"}),
+           "PYTHONPATH": str(ROOT), "DVC_ROOT": str(project)}
+    proc = subprocess.run([sys.executable, "-m", "stages.register"], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith("registered tiny-model v1 -> champion:") and "\n" not in line
+    report = json.loads((project / "metrics" / "register.json").read_text())
+    assert report["version"] == 1 and report["aliases"] == ["champion"] and report["promoted"] is True
+    assert report["gate_results"][0]["passed"] is True and report["reasons"] and report["name"] == NAME
+    assert tracking.current_aliases(project, NAME, 1) == ["champion"] and tracking.current_aliases(project, None, 1) == []
+
+    (row,) = tracking.list_versions(project, NAME)
+    assert row["metrics"]["final.reward_accuracy"] == 0.7 and row["metrics"]["base.reward_accuracy"] == 0.5
+    assert row["tags"]["lineage.git_commit"] == "feedbeef" and row["tags"]["lineage.pipeline"] == "nightly"
+    assert row["tags"]["lineage.dvc.outputs/models/dpo"] == "0123abcd.dir"
+    assert row["tags"]["lineage.final_stage"] == "dpo" and len(row["tags"]["lineage.params_sha256"]) == 64
+    client = tracking.connect(project)[0]
+    run = client.get_run(row["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags[tracking.STAGE_TAG] == "register"
+    assert run.data.metrics["final.reward_accuracy"] == 0.7 and run.data.params["registry.store"] == "copy"
+
+
+def test_register_stage_in_process_worse_model_and_missing_inputs(project, monkeypatch, capsys):
+    from stages import common
+    from stages import register as stage
+    from tunepipe.errors import ConfigError
+
+    for attr, value in (("ROOT", project), ("OUTPUTS", project / "outputs"), ("METRICS", project / "metrics")):
+        monkeypatch.setattr(common, attr, value)
+    stage_project(project, 0.7)
+    stage.main([])
+    stage_project(project, 0.65)
+    stage.main([])
+    assert "v2 -> candidate (champion unchanged)" in capsys.readouterr().out.splitlines()[-1]
+    report = json.loads((project / "metrics" / "register.json").read_text())
+    assert (report["version"], report["aliases"], report["promoted"]) == (2, ["candidate"], False)
+    assert report["previous_champion"] == 1
+
+    (project / "metrics" / "evaluate.json").unlink()
+    with pytest.raises(ConfigError, match="evaluate.json.*run the evaluate stage first"):
+        stage.main([])
+    for path in sorted((project / "outputs" / "models" / "dpo").iterdir()):
+        path.unlink()
+    with pytest.raises(ConfigError, match="run merge@dpo first"):
+        stage.main([])
+    assert len(tracking.list_versions(project, NAME)) == 2  # failures never touched the registry
