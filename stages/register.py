@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,14 @@ def main(argv: list[str]) -> None:
     metrics = read_metrics(common.METRICS / "evaluate.json")
     lineage = {**local_lineage(common.ROOT, final), **tracking.read_lineage_env()}
 
-    with tracking.stage_run(common.ROOT, "register", params={"registry": registry, "final_stage": final}) as run:
+    import mlflow
+
+    # common.run already opened this stage's run when tracking is on; registering needs one either way
+    active = mlflow.active_run()
+    context = nullcontext(active) if active else tracking.stage_run(common.ROOT, "register")
+    with context as run:
         run_id = run.info.run_id
+        tracking.log_params_flat({"registry": registry, "final_stage": final}, run_id)
         tracking.set_lineage(run_id, lineage)
         tracking.log_metrics(metrics, run_id)
         result = tracking.register_and_promote(
