@@ -50,13 +50,13 @@ def dataset_files(params, names: list[str]) -> list[str]:
 def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
     """The dvc.yaml document for `params`. `raw` is params.yaml as written: DVC fails on a declared parameter that
     the file does not contain, so sections left to their defaults are not declared (the code deps cover them)."""
-    from tunepipe.models import DEMO_CORPUS_FILES, TINY
+    from tunepipe.models import TINY
 
     enabled = params.enabled_stages()
     data_dir = params.data.dataset_dir
     base_deps = ["stages/base.py", "tunepipe/models.py"]
-    if params.model.model_name_or_path == TINY:  # the tiny tokenizer is trained on the demo corpus
-        base_deps += [f"{data_dir}/{name}" for name in DEMO_CORPUS_FILES]
+    if params.model.model_name_or_path == TINY:  # its tokenizer is trained on this frozen corpus
+        base_deps.append("tunepipe/assets/tiny_corpus.jsonl")
 
     def input_of(stage: str) -> str:
         previous = params.previous_stage(stage)

@@ -134,12 +134,20 @@ def test_resolve_model_path(built, monkeypatch):
 
 
 def test_cache_key_depends_on_seed_corpus_and_config(tmp_path):
-    files = models.default_corpus_files()
+    files = models.default_corpus_files(models.DEFAULT_DATA_DIR)  # the demo files themselves
+    assert models.default_corpus_files() == [models.TINY_CORPUS]
     key = models.tiny_build_key(seed=0, corpus_files=files, config=models.TinyConfig())
     assert key == models.tiny_build_key(seed=0, corpus_files=files, config=models.TinyConfig())
     assert key != models.tiny_build_key(seed=1, corpus_files=files, config=models.TinyConfig())
     assert key != models.tiny_build_key(seed=0, corpus_files=files[:1], config=models.TinyConfig())
     assert key != models.tiny_build_key(seed=0, corpus_files=files, config=models.TinyConfig(num_hidden_layers=3))
+
+
+def test_frozen_corpus_snapshot_trains_the_same_tokenizer_as_the_demo_files():
+    # editing data/ must not change the base model, so the corpus is a snapshot; it must still be the demo text
+    snapshot = models.train_tiny_tokenizer(models.default_corpus_files(), 4096)
+    demo = models.train_tiny_tokenizer(models.default_corpus_files(models.DEFAULT_DATA_DIR), 4096)
+    assert snapshot.to_str() == demo.to_str()
 
 
 def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -72,8 +72,14 @@ class TinyConfig:
     lm_head_init_std: float = 0.1
 
 
-def default_corpus_files(data_dir: Path = DEFAULT_DATA_DIR) -> list[Path]:
-    return [data_dir / name for name in DEMO_CORPUS_FILES]
+# The tokenizer corpus is a frozen snapshot of the demo texts (DEMO_CORPUS_FILES, one JSON string per line) shipped
+# with the package: editing the demo data must not change the base model, or every stage would rerun.
+TINY_CORPUS = Path(__file__).resolve().parent / "assets" / "tiny_corpus.jsonl"
+
+
+def default_corpus_files(data_dir: Path | None = None) -> list[Path]:
+    """The tiny tokenizer's corpus: the frozen snapshot, or the demo files in `data_dir` when given."""
+    return [TINY_CORPUS] if data_dir is None else [data_dir / name for name in DEMO_CORPUS_FILES]
 
 
 # ---------------------------------------------------------------------------------------------------------------
