@@ -71,8 +71,7 @@ def stage_order(root: Path) -> list[str]:
     with Repo(str(root)) as repo:
         graph = repo.index.graph
         order = list(reversed(list(nx.topological_sort(graph))))
-        return [stage.addressing for stage in order if stage.addressing.split(":")[-1] != "" and
-                not stage.addressing.endswith(".dvc")]
+        return [stage.name for stage in order if not str(stage.addressing).endswith(".dvc")]
 
 
 def pipeline_up_to_date(root: Path) -> bool:
@@ -85,6 +84,8 @@ def _stage_env(root: Path, parent_run_id: str | None, lineage: dict[str, Any]) -
     from tunepipe import tracking
 
     env = dict(os.environ)
+    # DVC runs `python -m stages.*` through the shell: make that `python` this interpreter (the project's venv)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(root)
     env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")
     if parent_run_id:
@@ -121,7 +122,9 @@ def run_stage(root: str, name: str, force: bool, env: dict[str, str]) -> dict[st
     code = proc.wait()
     seconds = round(time.perf_counter() - started, 2)
     if code != 0:
-        message = next((l for l in reversed(tail) if l.startswith(("error:", "ERROR:"))), tail[-1] if tail else "")
+        # the stage's own one-line error says what is wrong; DVC's "failed to reproduce" line only says where
+        message = next((l for l in reversed(tail) if l.startswith("error:")), None) or next(
+            (l for l in reversed(tail) if l.startswith("ERROR:")), tail[-1] if tail else "")
         raise RuntimeError(f"stage {name} failed (exit {code}): {message}")
     return {"name": name, "status": RAN if ran else SKIPPED, "seconds": seconds}
 

@@ -22,7 +22,8 @@ from typing import Any
 from stages import common
 
 DATA_CODE = ["tunepipe/data"]
-TRAIN_CODE = ["stages/train.py", "tunepipe/training.py", "tunepipe/models.py"]
+TRAIN_CODE = ["stages/train.py", "tunepipe/training.py", "tunepipe/trainers.py", "tunepipe/callbacks.py",
+              "tunepipe/models.py"]
 MERGE_CODE = ["stages/merge.py", "tunepipe/merging.py", "tunepipe/data"]
 EVAL_CODE = ["stages/evaluate.py", "tunepipe/evaluation.py", "tunepipe/metrics.py", "tunepipe/data"]
 REGISTER_CODE = ["stages/register.py", "tunepipe/tracking.py"]
@@ -30,24 +31,20 @@ HEADER = ("# Generated from params.yaml by `python -m stages.dag` (tunepipe run 
           "# not this file. One chain of stages per enabled stage; see docs/pipeline.md.\n")
 
 
-def _existing(paths: list[str]) -> list[str]:
-    return [p for p in paths if (common.ROOT / p).exists()]
-
-
-def dataset_files(params, names: list[str]) -> list[str]:
+def dataset_files(root: Path, params, names: list[str]) -> list[str]:
     """The local files behind dataset names (relative to the project root), for precise DVC deps."""
     from tunepipe.data.registry import get_dataset_attrs, split_names
 
-    dataset_dir = common.ROOT / params.data.dataset_dir
+    dataset_dir = root / params.data.dataset_dir
     files = []
     for attr in get_dataset_attrs(split_names(",".join(names)), dataset_dir):
         if attr.load_from in ("file", "script"):
             path = (dataset_dir / attr.dataset_name).resolve()
-            files.append(str(path.relative_to(common.ROOT.resolve())))
+            files.append(str(path.relative_to(root.resolve())))
     return sorted(set(files))
 
 
-def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+def build(root: Path, params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
     """The dvc.yaml document for `params`. `raw` is params.yaml as written: DVC fails on a declared parameter that
     the file does not contain, so sections left to their defaults are not declared (the code deps cover them)."""
     from tunepipe.models import TINY
@@ -66,7 +63,7 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
     train, merge = {}, {}
     for stage in enabled:
         s = params.stage(stage)
-        files[stage] = dataset_files(params, [n for n in (s.dataset, s.eval_dataset) if n]) or [
+        files[stage] = dataset_files(root, params, [n for n in (s.dataset, s.eval_dataset) if n]) or [
             f"{data_dir}/dataset_info.json"]  # hub datasets: nothing local to watch
         train[stage] = {"input": input_of(stage)}
         merge[stage] = {"input": input_of(stage)}
@@ -99,7 +96,7 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
             "base": {
                 "cmd": "python -m stages.base",
                 "params": present("model"),
-                "deps": _existing(base_deps),
+                "deps": base_deps,
                 "outs": ["outputs/models/base"],
             },
             "prepare": {
@@ -118,7 +115,7 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
                 "do": {
                     "cmd": "python -m stages.train ${key}",
                     "params": present("model", "lora", "train", "stages.${key}"),
-                    "deps": [*_existing(TRAIN_CODE), "outputs/data/${key}", "${item.input}"],
+                    "deps": [*TRAIN_CODE, "outputs/data/${key}", "${item.input}"],
                     "outs": ["outputs/adapters/${key}"],
                     "metrics": [{"metrics/train_${key}.json": {"cache": False}}],
                     "plots": [{"plots/loss_${key}.csv": {"cache": False, "x": "step", "y": "loss"}},
@@ -130,7 +127,7 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
                 "do": {
                     "cmd": "python -m stages.merge ${key}",
                     "params": present("model", "data", "lora", "stages.${key}", "evaluate"),
-                    "deps": [*_existing(MERGE_CODE), f"{data_dir}/dataset_info.json", "outputs/adapters/${key}",
+                    "deps": [*MERGE_CODE, f"{data_dir}/dataset_info.json", "outputs/adapters/${key}",
                              "${item.input}", *data_slots],
                     "outs": [{"outputs/models/${key}": {"cache": False}}],
                     "metrics": [{"metrics/merge_${key}.json": {"cache": False}}],
@@ -140,7 +137,7 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
                 "cmd": "python -m stages.evaluate",
                 "params": present("evaluate", "model", "data", "train", *[f"stages.{s}" for s in ("sft", *pref)
                                                                           if s in enabled]),
-                "deps": [*_existing(EVAL_CODE), f"{data_dir}/dataset_info.json", "outputs/models/base",
+                "deps": [*EVAL_CODE, f"{data_dir}/dataset_info.json", "outputs/models/base",
                          *[f"outputs/models/{s}" for s in enabled], *[f"outputs/data/{s}" for s in enabled],
                          *(files["sft"] if "sft" in enabled else [])],
                 "metrics": [{"metrics/evaluate.json": {"cache": False}}],
@@ -149,7 +146,7 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
             "register": {
                 "cmd": "python -m stages.register",
                 "params": present("registry"),
-                "deps": [*_existing(REGISTER_CODE), "metrics/evaluate.json", f"outputs/models/{final}"],
+                "deps": [*REGISTER_CODE, "metrics/evaluate.json", f"outputs/models/{final}"],
                 "metrics": [{"metrics/register.json": {"cache": False}}],
             },
         }
@@ -161,7 +158,7 @@ def build(params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
     return document
 
 
-def render(params, raw: dict[str, Any]) -> str:
+def render(root: Path, params, raw: dict[str, Any]) -> str:
     import yaml
 
     class Dumper(yaml.SafeDumper):
@@ -169,7 +166,7 @@ def render(params, raw: dict[str, Any]) -> str:
 
     # block lists everywhere: DVC cannot interpolate ${...} inside flow-style lists next to a '/'
     Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=False))
-    return HEADER + yaml.dump(build(params, raw), Dumper=Dumper, sort_keys=False, width=120)
+    return HEADER + yaml.dump(build(root, params, raw), Dumper=Dumper, sort_keys=False, width=120)
 
 
 def sync(root: Path | None = None, *, check: bool = False) -> bool:
@@ -178,10 +175,12 @@ def sync(root: Path | None = None, *, check: bool = False) -> bool:
 
     import yaml
 
+    from tunepipe.config import load_params
+
     root = root or common.ROOT
     path = root / "dvc.yaml"
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    text = render(common.params(), raw)
+    text = render(root, load_params(root / "params.yaml"), raw)
     current = path.read_text() if path.exists() else None
     if current == text:
         return False

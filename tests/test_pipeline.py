@@ -1,0 +1,202 @@
+"""The pipeline product, end to end on a temp copy of the project: real DVC, real Prefect (test harness), real
+MLflow (a pre-migrated SQLite store), the tiny model with a tiny training budget.
+
+One module-scoped project goes through the scenarios in order (each builds on the last, like a real project's
+history): cold run, nothing-changed rerun, DPO-data change, a failing stage, a gate that cannot pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+# Prefect reads its settings at import time: isolate it before anything imports prefect.
+PREFECT_HOME = tempfile.mkdtemp(prefix="tunepipe-test-prefect-")
+os.environ["PREFECT_HOME"] = PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+pytestmark = pytest.mark.slow
+
+TINY_PARAMS = {
+    "data": {"cutoff_len": 64, "max_samples": 24},
+    "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 50},
+    "evaluate": {"max_new_tokens": 8, "max_eval_samples": 4, "num_samples": 1},
+    "registry": {"model_name": "test-model", "compare_metric": "final.reward_accuracy", "higher_is_better": True,
+                 "gates": []},
+}
+COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", ".dvcignore")
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        base[key] = deep_update(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, harness):
+    from tests.test_tracking import migrated_template
+
+    root = tmp_path_factory.mktemp("project")
+    for name in COPY:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, root / name)
+    params = deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY_PARAMS)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(migrated_template(tmp_path_factory), root / "mlflow.db")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                    [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+                    ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(command, cwd=root, check=True, env=env, capture_output=True)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["TUNEPIPE_CACHE"] = str(root / ".cache")
+    yield root
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def run(project: Path, force=None):
+    from flows.pipeline import pipeline
+
+    sys.path.insert(0, str(project))
+    state = pipeline(project_dir=str(project), force=force or [], return_state=True)
+    result = state.result(raise_on_failure=False)
+    return state, result
+
+
+def statuses(result) -> dict[str, str]:
+    return {stage["name"]: stage["status"] for stage in result["stages"]}
+
+
+def versions(project: Path) -> dict[int, list[str]]:
+    from tunepipe import tracking
+
+    return {int(v["version"]): sorted(v["aliases"]) for v in tracking.list_versions(project, "test-model")}
+
+
+CHAIN = ["base", "prepare@cpt", "prepare@sft", "prepare@dpo", "train@cpt", "merge@cpt", "train@sft", "merge@sft",
+         "train@dpo", "merge@dpo", "evaluate", "register"]
+
+
+def test_cold_run_trains_every_stage_and_registers_a_champion(project):
+    state, result = run(project)
+    assert state.is_completed(), result
+    assert sorted(statuses(result)) == sorted(CHAIN)
+    assert set(statuses(result).values()) == {"ran"}
+    assert result["model"]["version"] == 1 and "champion" in result["model"]["aliases"]
+    assert versions(project) == {1: ["champion"]}
+    for path in ("outputs/models/dpo/model.safetensors", "outputs/adapters/dpo", "metrics/evaluate.json",
+                 "plots/loss_sft.csv", "metrics/register.json", "dvc.lock"):
+        assert (project / path).exists(), path
+    # every stage that ran has an MLflow child run under one pipeline run, tagged with its DVC hashes
+    from tunepipe import tracking
+
+    client = tracking.connect(project)[0]
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], "tags.`tunepipe.kind` = 'stage'")
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+    assert len(parents) == 1 and None not in parents
+    train_sft = [r for r in runs if r.data.tags.get("tunepipe.stage") == "train@sft"]
+    assert train_sft and any(k.startswith("lineage.dvc") or k.startswith("dvc.") for k in train_sft[0].data.tags)
+
+
+def test_second_run_retrains_nothing(project):
+    state, result = run(project)
+    assert state.is_completed()
+    assert set(statuses(result).values()) == {"skipped"}
+    assert versions(project) == {1: ["champion"]}  # no new version when nothing changed
+
+
+def test_dpo_data_change_reruns_only_the_dpo_branch(project):
+    path = project / "data" / "demo_dpo.json"
+    rows = json.loads(path.read_text())
+    path.write_text(json.dumps(rows[1:] + rows[:1], ensure_ascii=False))  # same rows, new order: new DPO data
+    state, result = run(project)
+    assert state.is_completed(), result
+    status = statuses(result)
+    assert {s for s, v in status.items() if v == "ran"} == {"prepare@dpo", "train@dpo", "merge@dpo", "evaluate",
+                                                           "register"}
+    assert all(status[s] == "skipped" for s in ("base", "prepare@cpt", "prepare@sft", "train@cpt", "merge@cpt",
+                                                "train@sft", "merge@sft"))
+    assert 2 in versions(project)
+
+
+def test_failed_stage_leaves_the_registry_untouched(project):
+    before = versions(project)
+    register_before = (project / "metrics" / "register.json").read_text()
+    (project / "data" / "demo_dpo.json").write_text("[{broken")
+    state, result = run(project)
+    assert state.is_failed()
+    failed = [s for s in result["stages"] if s["status"] == "failed"]
+    assert [s["name"] for s in failed] == ["prepare@dpo"] and "invalid JSON" in failed[0]["error"]
+    assert statuses(result)["register"] == "skipped"
+    assert versions(project) == before
+    assert (project / "metrics" / "register.json").read_text() == register_before
+    subprocess.run(["git", "checkout", "--", "data/demo_dpo.json"], cwd=project, check=True)
+
+
+def test_model_failing_a_gate_is_only_a_candidate(project):
+    champion = [v for v, aliases in versions(project).items() if "champion" in aliases]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["registry"]["gates"] = [{"metric": "final.reward_accuracy", "min": 2.0}]  # impossible
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    state, result = run(project)
+    assert state.is_completed(), result
+    ran = {s for s, v in statuses(result).items() if v == "ran"}
+    assert "register" in ran and "train@cpt" not in ran
+    after = versions(project)
+    newest = max(after)
+    assert after[newest] == ["candidate"]
+    assert [v for v, aliases in after.items() if "champion" in aliases] == champion
+    decision = json.loads((project / "metrics" / "register.json").read_text())
+    assert decision["promoted"] is False and any("final.reward_accuracy" in r for r in decision["reasons"])
+
+
+def test_a_second_run_in_the_same_project_is_refused(project):
+    from flows.pipeline import PipelineBusy, project_lock
+
+    with project_lock(project):
+        state, result = run(project)
+    assert isinstance(result, PipelineBusy) and "in progress" in str(result)
+
+
+def test_schedule_deployment_is_created(project):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import schedule_deployment
+
+    deployment_id = schedule_deployment("0 2 * * *", project_dir=str(project), name="nightly-test").apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    deployment = asyncio.run(read())
+    assert deployment.name == "nightly-test" and deployment.parameters == {"project_dir": str(project)}
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
