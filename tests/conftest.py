@@ -1,10 +1,14 @@
 """Shared test setup: offline, quiet, isolated from the developer's caches."""
 
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -12,6 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 # `datasets` writes Arrow caches and reads this at import time: keep them out of the home directory.
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="tunepipe-test-hf-"))
+# Prefect reads its settings at import time: isolate its home (DB, result cache) before anything imports prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tunepipe-test-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -35,3 +43,56 @@ def write_dataset(tmp_path: Path, entries: dict, files: dict[str, object]) -> Pa
         path.write_text(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
     (tmp_path / "dataset_info.json").write_text(json.dumps(entries))
     return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------- pipeline projects
+TINY_PARAMS = {
+    "data": {"cutoff_len": 64, "max_samples": 24},
+    "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 50},
+    "evaluate": {"max_new_tokens": 8, "max_eval_samples": 4, "num_samples": 1},
+    "registry": {"model_name": "test-model", "compare_metric": "final.reward_accuracy", "higher_is_better": True,
+                 "gates": []},
+}
+COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", ".dvcignore")
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        base[key] = deep_update(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory, prefect_harness):
+    """A temp copy of the project (git + dvc init, pre-migrated MLflow store) with a tiny training budget."""
+    from tests.test_tracking import migrated_template
+
+    root = tmp_path_factory.mktemp("project")
+    for name in COPY:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, root / name)
+    params = deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY_PARAMS)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(migrated_template(tmp_path_factory), root / "mlflow.db")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                    [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+                    ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(command, cwd=root, check=True, env=env, capture_output=True)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the project's own store: <root>/mlflow.db
+    yield root
+
+

@@ -1,82 +1,26 @@
 """The pipeline product, end to end on a temp copy of the project: real DVC, real Prefect (test harness), real
 MLflow (a pre-migrated SQLite store), the tiny model with a tiny training budget.
 
-One module-scoped project goes through the scenarios in order (each builds on the last, like a real project's
+One session-scoped project (conftest.pipeline_project) goes through the scenarios in order (each builds on the last, like a real project's
 history): cold run, nothing-changed rerun, DPO-data change, a failing stage, a gate that cannot pass.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-
-# Prefect reads its settings at import time: isolate it before anything imports prefect.
-PREFECT_HOME = tempfile.mkdtemp(prefix="tunepipe-test-prefect-")
-os.environ["PREFECT_HOME"] = PREFECT_HOME
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
 pytestmark = pytest.mark.slow
 
-TINY_PARAMS = {
-    "data": {"cutoff_len": 64, "max_samples": 24},
-    "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 50},
-    "evaluate": {"max_new_tokens": 8, "max_eval_samples": 4, "num_samples": 1},
-    "registry": {"model_name": "test-model", "compare_metric": "final.reward_accuracy", "higher_is_better": True,
-                 "gates": []},
-}
-COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", ".dvcignore")
-
-
-def deep_update(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        base[key] = deep_update(base.get(key, {}), value) if isinstance(value, dict) else value
-    return base
-
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, harness):
-    from tests.test_tracking import migrated_template
-
-    root = tmp_path_factory.mktemp("project")
-    for name in COPY:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, root / name)
-    params = deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY_PARAMS)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copy(migrated_template(tmp_path_factory), root / "mlflow.db")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                    [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-                    ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
-        subprocess.run(command, cwd=root, check=True, env=env, capture_output=True)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ["TUNEPIPE_CACHE"] = str(root / ".cache")
-    yield root
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+def project(pipeline_project):
+    return pipeline_project
 
 
 def run(project: Path, force=None):

@@ -1,5 +1,7 @@
 """The README's commands are executed, so the documentation cannot rot (LitGPT's test_readme idea)."""
 
+import json
+import os
 import re
 import shlex
 import shutil
@@ -34,9 +36,9 @@ def test_readme_has_exactly_the_two_setup_commands_and_make_knows_them():
     assert "make test" in ci
 
 
-def test_readme_quick_start_runs(tmp_path):
+def test_readme_data_commands_run(tmp_path):
     shutil.copytree(ROOT / "data", tmp_path / "data")
-    quick_start = commands(".venv/bin/tunepipe")
+    quick_start = [c for c in commands(".venv/bin/tunepipe") if c[1] == "data"]
     assert [c[1:3] for c in quick_start] == [["data", "check"], ["data", "preview"], ["data", "export"]]
     outputs = []
     for command in quick_start:
@@ -49,3 +51,21 @@ def test_readme_quick_start_runs(tmp_path):
     assert "⟦" in preview.stdout and "--- example 1 ---" in preview.stdout
     rows = (tmp_path / "sft.jsonl").read_text().splitlines()
     assert len(rows) > 100 and "wrote" in export.stderr and "rows in" in export.stderr
+
+
+def test_readme_pipeline_commands_run(pipeline_project):
+    """`tunepipe run --json` and `tunepipe models list` as the README shows them (on the tiny test project)."""
+    pipeline = [c for c in commands(".venv/bin/tunepipe") if c[1] in ("run", "models")]
+    assert [c[1:] for c in pipeline] == [["run", "--json"], ["models", "list"]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "tunepipe.cli", *pipeline[0][1:]], cwd=pipeline_project,
+                         capture_output=True, text=True, timeout=1200, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert {s["status"] for s in result["stages"]} <= {"ran", "skipped"}
+    assert [s["name"] for s in result["stages"]][-1] == "register" and result["model"]["name"] == "test-model"
+    listing = subprocess.run([sys.executable, "-m", "tunepipe.cli", *pipeline[1][1:], "--name", "test-model",
+                              "--json"], cwd=pipeline_project, capture_output=True, text=True, env=env)
+    assert listing.returncode == 0, listing.stderr
+    versions = json.loads(listing.stdout)
+    assert any("champion" in v["aliases"] for v in versions) and all("metrics" in v for v in versions)
