@@ -1,0 +1,359 @@
+"""Thin TRL subclasses and collators that train on OUR pre-tokenized features (never re-tokenize text).
+
+The prepare stage writes LLaMA-Factory's exact columns; the tokens and label masks there are the contract, so the
+trainers below consume them as they are:
+
+- `PaddingFreeCollator` (sft, `packing: true`): the examples of a batch are laid side by side without padding, the
+  position ids restart at 0 for every example, and no attention mask is passed. transformers (>= 4.54, here 5.23)
+  then detects the packed rows from the position ids and builds a block-diagonal causal mask for sdpa/eager (flash
+  attention uses the same position ids), so an example never attends to its neighbour: the loss and the gradient
+  are those of the padded batch, without computing the padding. Checked in tests/test_training.py
+  (`test_packing_is_contamination_free`).
+- `PreferenceCollator` + `PretokenizedDPOTrainer`: DPOTrainer 1.16 tokenizes `prompt/chosen/rejected` text and its
+  collator rebuilds `prompt_ids + chosen_ids`. We skip `_prepare_dataset` and collate `chosen_input_ids` /
+  `rejected_input_ids` directly into its batch layout (`input_ids` = [chosen..., rejected...], `attention_mask`,
+  `completion_mask`), with `completion_mask = labels != -100`: the scored tokens are exactly LF's labels (the prompt
+  is every position whose label is -100).
+- `KTOCollator` + `PretokenizedKTOTrainer`: same for KTOTrainer, including LF's KL completions (`kl_input_ids`:
+  the same prompt with another example's response) as TRL's `KL_input_ids`, and `kto_tags` as `label`.
+- `PretokenizedORPOTrainer` / `PretokenizedCPOTrainer` (trl.experimental): their batch format already is
+  `chosen_input_ids/chosen_attention_mask/chosen_labels/rejected_*` (LF copied it from old TRL), so only their
+  text tokenization (`tokenize_row`) is turned into the identity.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token accounting: every collator attaches the real (non-pad) token counts of its batch.
+# ---------------------------------------------------------------------------------------------------------------
+COUNTS_KEY = "tunepipe_token_counts"  # [real tokens, label tokens, computed positions] of a collated batch
+
+
+@dataclass
+class TokenCounter:
+    """Tokens trained on so far by this process (not eval, not prefetched): the collators put each batch's counts
+    under COUNTS_KEY and `CountTokensMixin.compute_loss` moves them here when the model is in training mode."""
+
+    tokens: int = 0
+    label_tokens: int = 0
+    slots: int = 0  # tokens actually computed (real + padding)
+
+    def add(self, tokens: int, label_tokens: int, slots: int) -> None:
+        self.tokens += int(tokens)
+        self.label_tokens += int(label_tokens)
+        self.slots += int(slots)
+
+
+def _counts(tokens: int, label_tokens: int, slots: int) -> torch.Tensor:
+    return torch.tensor([tokens, label_tokens, slots], dtype=torch.long)
+
+
+def _pad(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    length = length if length is not None else max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (length - len(r)) for r in rows], dtype=torch.long)
+
+
+def _count_labels(labels: list[int]) -> int:
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cpt / sft
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PaddedCollator:
+    """Right-pad input_ids (pad id), attention_mask (0) and labels (-100) to the longest example of the batch
+    (DataCollatorForSeq2Seq's behaviour, plus token accounting)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [list(f["input_ids"]) for f in features]
+        labels = [list(f["labels"]) for f in features]
+        length = max(len(r) for r in ids)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        masks = [list(f.get("attention_mask") or [1] * len(r)) for f, r in zip(features, ids)]
+        return {
+            "input_ids": _pad(ids, self.pad_token_id, length),
+            "attention_mask": _pad(masks, 0, length),
+            "labels": _pad(labels, IGNORE_INDEX, length),
+            COUNTS_KEY: _counts(sum(sum(m) for m in masks), sum(_count_labels(lab) for lab in labels),
+                                length * len(ids)),
+        }
+
+
+@dataclass
+class PaddingFreeCollator:
+    """Padding-free packing of a batch: examples laid side by side, position ids restarting at 0 per example, no
+    attention mask (transformers derives the block-diagonal causal mask from the position ids).
+
+    The tensors are those of transformers' `DataCollatorWithFlattening`: the first label of every example becomes
+    -100, so no example learns to predict the next one's first token (the unpacked example never uses that label
+    either: the loss is shifted). Two additions:
+
+    - `max_row_tokens`: with sdpa/eager the packed mask is dense, so one row of B*L tokens costs (B*L)^2 attention.
+      The batch is therefore spread over the fewest rows of at most `max(max_row_tokens, longest example)` tokens,
+      balanced (longest example first into the emptiest row); rows are topped up with a pad block that has its own
+      positions (so it is a separate sequence) and label -100. None = one row (the FlashAttention layout).
+    - token accounting (`counter`) and, for FlashAttention, the cu_seqlens kwargs.
+    """
+
+    pad_token_id: int = 0
+    max_row_tokens: int | None = None
+    return_flash_attn_kwargs: bool = False
+
+    def _rows(self, lengths: list[int]) -> list[list[int]]:
+        total = sum(lengths)
+        if self.max_row_tokens is None:
+            return [list(range(len(lengths)))]
+        longest = max(lengths)
+        capacity = max(self.max_row_tokens, longest)
+        order = sorted(range(len(lengths)), key=lambda k: (-lengths[k], k))
+        best: tuple[int, list[list[int]]] | None = None  # (rows x width, rows)
+        for n_rows in range(-(-total // capacity), len(lengths) + 1):
+            if best is not None and n_rows * longest >= best[0]:
+                break  # no layout with more rows can compute fewer positions
+            rows: list[list[int]] = [[] for _ in range(n_rows)]
+            fill = [0] * n_rows
+            for i in order:  # longest first into the emptiest row
+                r = min(range(n_rows), key=lambda k: (fill[k], k))
+                rows[r].append(i)
+                fill[r] += lengths[i]
+            if max(fill) <= capacity and (best is None or n_rows * max(fill) < best[0]):
+                best = (n_rows * max(fill), [sorted(r) for r in rows])
+        assert best is not None  # one example per row always fits
+        return best[1]
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        rows = self._rows(lengths)
+        ids, labels, positions = [], [], []
+        cu_seqlens = [0]
+        label_tokens = 0
+        for row in rows:
+            row_ids: list[int] = []
+            row_labels: list[int] = []
+            row_positions: list[int] = []
+            for i in row:
+                x = list(features[i]["input_ids"])
+                y = list(features[i]["labels"])
+                row_ids += x
+                row_labels += [IGNORE_INDEX] + y[1:]
+                row_positions += range(len(x))
+                cu_seqlens.append(cu_seqlens[-1] + len(x))
+                label_tokens += _count_labels(y)
+            ids.append(row_ids)
+            labels.append(row_labels)
+            positions.append(row_positions)
+        width = max(len(r) for r in ids)
+        for row_ids, row_labels, row_positions in zip(ids, labels, positions):
+            extra = width - len(row_ids)  # the pad block: its own sequence (positions restart), never a label
+            row_ids += [self.pad_token_id] * extra
+            row_labels += [IGNORE_INDEX] * extra
+            row_positions += range(extra)
+        batch = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+            COUNTS_KEY: _counts(sum(lengths), label_tokens, width * len(ids)),
+        }
+        if self.return_flash_attn_kwargs and len(ids) == 1:
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(cu_seqlens, dtype=torch.int32)
+            batch["max_length_q"] = batch["max_length_k"] = max(lengths)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference collators (DPO / KTO batch layouts of TRL 1.16, built from LF's features)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PreferenceCollator:
+    """LF pairwise features -> DPOTrainer 1.16's batch: rows [chosen_1..chosen_B, rejected_1..rejected_B], right
+    padded to one length; `completion_mask` marks the scored tokens = positions whose LF label is not -100."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [list(f["chosen_input_ids"]) for f in features] + [list(f["rejected_input_ids"]) for f in features]
+        labels = [list(f["chosen_labels"]) for f in features] + [list(f["rejected_labels"]) for f in features]
+        length = max(len(r) for r in rows)
+        completion = [[int(y != IGNORE_INDEX) for y in lab] for lab in labels]
+        batch = {
+            "input_ids": _pad(rows, self.pad_token_id, length),
+            "attention_mask": _pad([[1] * len(r) for r in rows], 0, length),
+            "completion_mask": _pad(completion, 0, length),
+            COUNTS_KEY: _counts(sum(len(r) for r in rows), sum(map(sum, completion)), length * len(rows)),
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):  # precompute_ref_log_probs passes these through
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features])
+        return batch
+
+
+@dataclass
+class KTOCollator:
+    """LF feedback features -> KTOTrainer 1.16's batch: `input_ids/attention_mask/completion_mask` for the example,
+    `KL_*` for LF's KL sequence (same prompt, another example's response), `label` = kto_tags (True = desirable)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for prefix, src in (("", ""), ("KL_", "kl_")):
+            rows = [list(f[f"{src}input_ids"]) for f in features]
+            completion = [[int(y != IGNORE_INDEX) for y in f[f"{src}labels"]] for f in features]
+            length = max(len(r) for r in rows)
+            batch[f"{prefix}input_ids"] = _pad(rows, self.pad_token_id, length)
+            batch[f"{prefix}attention_mask"] = _pad([[1] * len(r) for r in rows], 0, length)
+            batch[f"{prefix}completion_mask"] = _pad(completion, 0, length)
+            if not prefix:  # the KL forward is gradient-free: count the trained sequences
+                batch[COUNTS_KEY] = _counts(sum(len(r) for r in rows), sum(map(sum, completion)), length * len(rows))
+        batch["label"] = torch.tensor([bool(f["kto_tags"]) for f in features])
+        for key in ("ref_logps", "ref_KL_logps"):
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features])
+        return batch
+
+
+@dataclass
+class PairedCollator:
+    """LF pairwise features for ORPO/CPO (trl.experimental): they already are that trainer's batch format; pad them
+    like its DPODataCollatorWithPadding and count tokens."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {}
+        tokens = labels = slots = 0
+        for side in ("chosen", "rejected"):
+            rows = [list(f[f"{side}_input_ids"]) for f in features]
+            labs = [list(f[f"{side}_labels"]) for f in features]
+            length = max(len(r) for r in rows)
+            batch[f"{side}_input_ids"] = _pad(rows, self.pad_token_id, length)
+            batch[f"{side}_attention_mask"] = _pad([list(f[f"{side}_attention_mask"]) for f in features], 0, length)
+            batch[f"{side}_labels"] = _pad(labs, IGNORE_INDEX, length)
+            tokens += sum(len(r) for r in rows)
+            labels += sum(_count_labels(lab) for lab in labs)
+            slots += length * len(rows)
+        batch[COUNTS_KEY] = _counts(tokens, labels, slots)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainers
+# ---------------------------------------------------------------------------------------------------------------
+PAIRWISE_COLUMNS = ("chosen_input_ids", "chosen_attention_mask", "chosen_labels",
+                    "rejected_input_ids", "rejected_attention_mask", "rejected_labels")
+KTO_COLUMNS = ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask", "kl_labels", "kto_tags")
+
+
+def _check_columns(dataset, columns: tuple[str, ...], trainer: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{trainer}: the prepared dataset lacks {missing} (run `python -m stages.prepare` for this "
+                         f"stage); it has {dataset.column_names}")
+
+
+class CountTokensMixin:
+    """Takes the collator's token counts out of the batch before the model sees it; counts training batches only."""
+
+    token_counter: TokenCounter | None = None
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        counts = inputs.pop(COUNTS_KEY, None)
+        if counts is not None and model.training and self.token_counter is not None:
+            self.token_counter.add(*counts.tolist())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def _make_trainers():
+    """Import TRL lazily (it is heavy) and define the subclasses once."""
+    from transformers import Trainer
+    from trl import DPOTrainer, KTOTrainer
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    class TokenCountingTrainer(CountTokensMixin, Trainer):
+        """transformers Trainer (cpt, sft) + token accounting."""
+
+    class PretokenizedDPOTrainer(CountTokensMixin, DPOTrainer):
+        """DPOTrainer on LF pairwise features (see PreferenceCollator); everything else is TRL's."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            _check_columns(dataset, PAIRWISE_COLUMNS, type(self).__name__)
+            return dataset
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = [*PAIRWISE_COLUMNS, "ref_chosen_logps", "ref_rejected_logps"]
+
+    class PretokenizedKTOTrainer(CountTokensMixin, KTOTrainer):
+        """KTOTrainer on LF feedback features (see KTOCollator).
+
+        TRL builds each example's KL completion from its batch neighbour, so it insists on sequential sampling.
+        LF's KL completion is stored with every example (`kl_input_ids`), independent of the batch, so shuffling is
+        safe and we restore the usual random sampler (LF's behaviour) after TRL's constructor checks.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.args.train_sampling_strategy = "random"
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            _check_columns(dataset, KTO_COLUMNS, type(self).__name__)
+            if dataset_name == "train":
+                tags = dataset["kto_tags"]
+                desirable = sum(bool(t) for t in tags)
+                log.info("kto: %d desirable / %d undesirable examples", desirable, len(tags) - desirable)
+            return dataset
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = [*KTO_COLUMNS, "ref_logps", "ref_KL_logps"]
+
+    class PretokenizedORPOTrainer(CountTokensMixin, ORPOTrainer):
+        """ORPOTrainer (trl.experimental) on LF pairwise features: the text tokenization step is the identity."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.use_dpo_data_collator = True  # PairedCollator produces that collator's format
+
+        def tokenize_row(self, feature, model=None):
+            return feature
+
+    class PretokenizedCPOTrainer(CountTokensMixin, CPOTrainer):
+        """CPOTrainer (trl.experimental; SimPO = loss_type "simpo") on LF pairwise features."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.use_dpo_data_collator = True
+
+        def tokenize_row(self, feature, model=None):
+            return feature
+
+    return {"trainer": TokenCountingTrainer, "dpo": PretokenizedDPOTrainer, "kto": PretokenizedKTOTrainer,
+            "orpo": PretokenizedORPOTrainer, "cpo": PretokenizedCPOTrainer}
+
+
+_TRAINERS: dict[str, type] | None = None
+
+
+def trainer_class(kind: str) -> type:
+    """`trainer` (cpt/sft), `dpo`, `kto`, `orpo` or `cpo` -> the subclass."""
+    global _TRAINERS
+    if _TRAINERS is None:
+        _TRAINERS = _make_trainers()
+    return _TRAINERS[kind]

@@ -1,0 +1,591 @@
+"""Training for the cpt / sft / dpo / kto stages: a fresh LoRA adapter (or all weights) on the previous stage's merged
+model, trained with transformers / TRL on the pre-tokenized features of the prepare stage.
+
+    setup(stage, params, paths)  -> Run     model + fresh adapter, datasets, trainer, resume decision
+    train(run)                   -> dict    trainer.train (resumed if a matching checkpoint exists) + final eval
+    save(run, metrics)                      adapter (atomic, safetensors), metrics JSON, loss curve CSV + PNG
+
+Which trainer (the `stages.<name>` keys of params.yaml are LLaMA-Factory's):
+
+    cpt               transformers Trainer, packed blocks from prepare (labels as written there)
+    sft               transformers Trainer, our labels (-100 over prompts); `packing` (default on): padding-free
+                      batches (tunepipe.trainers.PaddingFreeCollator), else padded batches
+    dpo  sigmoid|ipo|hinge   TRL DPOTrainer, `pref_beta` -> beta, `pref_ftx` -> + pref_ftx * SFT loss; reference =
+                      the adapter-disabled model = the previous stage's merged model (no second copy)
+    dpo  orpo         TRL experimental ORPOTrainer (beta = pref_beta), reference-free
+    dpo  simpo        TRL experimental CPOTrainer(loss_type="simpo", cpo_alpha = pref_ftx, simpo_gamma)
+    kto               TRL KTOTrainer (desirable/undesirable weights = kto_chosen/rejected_weight), LF's KL completions
+
+Precision: fp32 on CPU; bf16 and gradient checkpointing on a GPU when params leave them None. Runs unchanged under
+`accelerate launch` / `torchrun`: every rank builds the same trainer, only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunepipe.config import LoraParams, Params, StageParams, TrainParams
+from tunepipe.errors import ConfigError
+
+log = logging.getLogger("tunepipe.train")
+
+# LF's name for the pretraining stage is pt; the prepare stage writes the same columns for both.
+COLUMNS = {
+    "cpt": ("input_ids", "attention_mask", "labels"),
+    "sft": ("input_ids", "attention_mask", "labels"),
+    "dpo": ("chosen_input_ids", "chosen_attention_mask", "chosen_labels",
+            "rejected_input_ids", "rejected_attention_mask", "rejected_labels"),
+    "kto": ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask", "kl_labels", "kto_tags"),
+}
+DPO_FAMILY = ("sigmoid", "ipo", "hinge")
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+FINGERPRINT_FILE = "fingerprint.json"
+METADATA_FILE = "tunepipe_train.json"
+
+
+@dataclass
+class StagePaths:
+    """Where a stage reads and writes (stages/common.py fills it from the project layout; tests from a tmp dir)."""
+
+    input_model: str  # the previous stage's merged model, or the base model
+    tokenizer: str  # the base model's tokenizer (every stage tokenizes with it; prepare did too)
+    data: Path  # outputs/data/<stage> with train/ and optionally eval/
+    adapter: Path  # outputs/adapters/<stage>
+    checkpoints: Path  # outputs/checkpoints/<stage>
+    metrics: Path  # metrics/train_<stage>.json
+    plots: Path  # plots/ (loss_<stage>.csv, loss_<stage>.png)
+
+
+@dataclass
+class Run:
+    stage: str
+    kind: str  # pt | sft | dpo | orpo | simpo | kto
+    params: Params
+    train: TrainParams
+    lora: LoraParams
+    stage_params: StageParams
+    paths: StagePaths
+    trainer: Any = None
+    counter: Any = None
+    progress: Any = None
+    curve: Any = None
+    resume_from: str | None = None
+    fingerprint: str = ""
+    notes: list[str] = field(default_factory=list)
+    resized_vocab: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pieces (each unit-tested)
+# ---------------------------------------------------------------------------------------------------------------
+def trainer_kind(stage: str, stage_params: StageParams) -> str:
+    if stage == "cpt":
+        return "pt"
+    if stage == "dpo":
+        loss = stage_params.pref_loss
+        return "dpo" if loss in DPO_FAMILY else loss  # orpo | simpo
+    if stage in ("sft", "kto"):
+        return stage
+    raise ConfigError(f"unknown training stage {stage!r} (expected cpt, sft, dpo or kto)")
+
+
+def device_settings(train: TrainParams) -> dict[str, Any]:
+    """fp32 on CPU; bf16 + gradient checkpointing on a GPU unless params.yaml sets them (TRL's configs default to
+    bf16=True, which raises on a CPU-only machine, so every field is passed explicitly)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16 = train.bf16 if train.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    checkpointing = train.gradient_checkpointing if train.gradient_checkpointing is not None else cuda
+    return {"use_cpu": not cuda, "bf16": bf16, "fp16": False, "activation_checkpointing": checkpointing}
+
+
+def cpu_threads() -> int | None:
+    """On CPU, one intra-op thread per process unless OMP_NUM_THREADS says otherwise (torchrun's default too).
+
+    The tiny model's matmuls are too small to split well, and on a shared CPU OpenMP threads spin-wait on each
+    other: measured on the 2-core project machine under load, a CPT step took 0.33 s with 1 thread vs 1.26 s with 2.
+    A fixed count (not one chosen from the current load) keeps runs reproducible. Returns the count it set, or None.
+    """
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    torch.set_num_threads(1)
+    return 1
+
+
+def lora_config(lora: LoraParams, extra_modules_to_save: list[str] | tuple[str, ...] = (), *, tied: bool = False):
+    """params.yaml's LoRA keys (LF names) -> peft.LoraConfig."""
+    from peft import LoraConfig
+
+    target = lora.lora_target.strip()
+    target_modules: str | list[str] = ("all-linear" if target == "all"
+                                       else [t.strip() for t in target.split(",") if t.strip()])
+    if not target_modules:
+        raise ConfigError("empty lora_target (use 'all' or module names such as q_proj,v_proj)", key="lora_target")
+    modules_to_save = [t.strip() for t in (lora.additional_target or "").split(",") if t.strip()]
+    modules_to_save += [m for m in extra_modules_to_save if m not in modules_to_save]
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.lora_rank,
+        lora_alpha=lora.lora_alpha if lora.lora_alpha is not None else 2 * lora.lora_rank,
+        lora_dropout=lora.lora_dropout,
+        target_modules=target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        modules_to_save=modules_to_save or None,
+        ensure_weight_tying=tied and bool(modules_to_save),
+    )
+
+
+def load_training_tokenizer(path: str, params: Params, stage: str):
+    """The base tokenizer with the template's fix applied (EOS = the template's stop word, pad, chat template), the
+    same object the prepare stage tokenized with; it is saved with the adapter."""
+    from tunepipe.data.templates import get_template
+    from tunepipe.models import load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust_remote_code=params.model.trust_remote_code)
+    template = get_template(params.model.template, tokenizer=tokenizer, tool_format=params.data.tool_format,
+                            default_system=params.data.default_system,
+                            train_on_prompt=params.stage(stage).train_on_prompt and stage == "sft")
+    template.fix_tokenizer(tokenizer)
+    return tokenizer
+
+
+def load_model(path: str, tokenizer, *, dtype, trust_remote_code: bool = False):
+    """Load the stage's input model; grow the embeddings when the fixed tokenizer has more tokens than the model.
+
+    Returns (model, names of the embedding modules that must be trained and saved: empty unless resized).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").exists() and Path(path).is_absolute():
+        raise ConfigError(f"input model {path} does not exist (run the previous stage's merge first)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.config.use_cache = False  # training; also required for packed-sequence mask detection
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return model, []
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if id(module) in embeddings})
+    log.warning("tokenizer has %d tokens but the model %d embedding rows: resized to %d and training %s fully "
+                "(saved with the adapter)", len(tokenizer), rows, model.get_input_embeddings().weight.shape[0],
+                ",".join(names))
+    return model, names
+
+
+def load_datasets(data_dir: Path, stage: str):
+    from datasets import load_from_disk
+
+    if not (data_dir / "train").is_dir():
+        raise ConfigError(f"no prepared data in {data_dir} (run `python -m stages.prepare {stage}` first)")
+    train = load_from_disk(str(data_dir / "train"))
+    evals = load_from_disk(str(data_dir / "eval")) if (data_dir / "eval").is_dir() else None
+    for name, ds in (("train", train), ("eval", evals)):
+        if ds is None:
+            continue
+        missing = [c for c in COLUMNS[stage] if c not in ds.column_names]
+        if missing:
+            raise ConfigError(f"{data_dir / name}: columns {missing} missing for stage {stage} (has "
+                              f"{ds.column_names}); re-run `python -m stages.prepare {stage}`")
+    if len(train) == 0:
+        raise ConfigError(f"{data_dir / 'train'} is empty: nothing to train on (see {data_dir / 'health.json'})")
+    return train, evals if evals is not None and len(evals) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fingerprint and resume
+# ---------------------------------------------------------------------------------------------------------------
+def _hash_file(path: Path, h) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with path.open("rb") as handle:
+        if size <= 256 * 2**20:
+            for chunk in iter(lambda: handle.read(2**20), b""):
+                h.update(chunk)
+        else:  # multi-GB weights: size + head + tail is a fingerprint, not a checksum (DVC checksums the files)
+            h.update(handle.read(8 * 2**20))
+            handle.seek(-8 * 2**20, os.SEEK_END)
+            h.update(handle.read())
+
+
+def hash_tree(path: str | Path) -> str:
+    """sha256 over the files of a directory (names, sizes, contents), or over the string for a hub id."""
+    h = hashlib.sha256()
+    path = Path(path)
+    if not path.exists():
+        h.update(str(path).encode())
+        return h.hexdigest()
+    if path.is_file():
+        files = [path]
+    else:  # hidden files (.partial dirs, caches) are not part of the content
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for file in files:
+        h.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
+        _hash_file(file, h)
+    return h.hexdigest()
+
+
+def run_fingerprint(run: Run) -> dict[str, Any]:
+    """Everything that decides the training trajectory: a checkpoint is resumed only if all of it is unchanged."""
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    stage = run.stage_params.model_dump(exclude={"lora", "enabled", "dataset", "eval_dataset"})
+    return {
+        "stage": run.stage,
+        "kind": run.kind,
+        "train": run.train.model_dump(),
+        "lora": run.lora.model_dump(),
+        "stage_params": stage,
+        "template": run.params.model.template,
+        "data": hash_tree(run.paths.data),
+        "input_model": hash_tree(run.paths.input_model),
+        "tokenizer": hash_tree(run.paths.tokenizer),
+        "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+
+
+def resolve_resume(checkpoints: Path, fingerprint: dict[str, Any], *, is_main: bool) -> str | None:
+    """The latest checkpoint if it was written for this exact fingerprint; otherwise clear stale checkpoints (main
+    process only) and record the new fingerprint. Returns the checkpoint path or None (fresh start)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    file = checkpoints / FINGERPRINT_FILE
+    try:
+        stored = json.loads(file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        stored = None
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if stored is not None and stored.get("digest") == digest and last is not None:
+        state = json.loads((Path(last) / "trainer_state.json").read_text())
+        if state["global_step"] < state["max_steps"]:
+            return last
+        log.info("the run in %s had finished (its adapter may not have been saved): starting fresh", checkpoints)
+    if is_main:
+        if checkpoints.exists():
+            if last is not None:
+                changed = sorted(k for k in fingerprint if (stored or {}).get("fingerprint", {}).get(k)
+                                 != fingerprint[k]) if stored else ["(no fingerprint)"]
+                log.info("discarding checkpoints in %s: %s changed", checkpoints, ", ".join(changed))
+            shutil.rmtree(checkpoints)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        from tunepipe.io import atomic_write_text
+
+        atomic_write_text(file, json.dumps({"digest": digest, "fingerprint": fingerprint}, indent=2,
+                                           sort_keys=True) + "\n")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer construction
+# ---------------------------------------------------------------------------------------------------------------
+def training_arguments(run: Run, has_eval: bool, device: dict[str, Any]) -> Any:
+    """The TrainingArguments (or TRL config) of the stage, every field explicit (TRL's defaults differ)."""
+    t, sp = run.train, run.stage_params
+    common: dict[str, Any] = dict(
+        output_dir=str(run.paths.checkpoints),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=min(t.warmup_ratio, 0.999),  # a float in [0, 1) is a ratio (transformers 5)
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="no",  # the held-out split is evaluated once, after training (`train`)
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="no",
+        ddp_find_unused_parameters=False,
+        activation_checkpointing_kwargs={"use_reentrant": False} if device["activation_checkpointing"] else None,
+        **device,
+    )
+    cutoff = run.params.data.cutoff_len
+    if run.kind in ("pt", "sft"):
+        from transformers import TrainingArguments
+
+        return TrainingArguments(**common)
+    if run.kind == "dpo":
+        from trl import DPOConfig
+
+        losses, weights = [sp.pref_loss], [1.0]
+        if sp.pref_ftx > 0:
+            losses, weights = [sp.pref_loss, "sft"], [1.0, sp.pref_ftx]
+        return DPOConfig(**common, beta=sp.pref_beta, loss_type=losses, loss_weights=weights, max_length=None,
+                         precompute_ref_log_probs=False)
+    if run.kind == "kto":
+        from trl import KTOConfig
+
+        return KTOConfig(**common, beta=sp.pref_beta, desirable_weight=sp.kto_chosen_weight,
+                         undesirable_weight=sp.kto_rejected_weight, loss_type="kto", max_length=None)
+    if run.kind == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig(**common, beta=sp.pref_beta, max_length=cutoff)
+    if run.kind == "simpo":
+        from trl.experimental.cpo import CPOConfig
+
+        return CPOConfig(**common, loss_type="simpo", beta=sp.pref_beta, cpo_alpha=sp.pref_ftx,
+                         simpo_gamma=sp.simpo_gamma, max_length=cutoff)
+    raise AssertionError(run.kind)
+
+
+def make_collator(run: Run, tokenizer, model):
+    from tunepipe import trainers as tt
+
+    pad = tokenizer.pad_token_id
+    if run.kind == "sft" and run.train.packing is not False:
+        attn = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attn in PACKING_ATTENTION:
+            flash = attn.startswith("flash_attention")
+            # sdpa/eager build a dense (rows x L x L) mask: rows of at most cutoff_len keep its cost bounded
+            run.notes.append(f"sft packing: padding-free, position ids restart per example ({attn})")
+            return tt.PaddingFreeCollator(pad_token_id=pad, return_flash_attn_kwargs=flash,
+                                          max_row_tokens=None if flash else run.params.data.cutoff_len)
+        log.warning("packing: attention %r cannot isolate packed examples; using padded batches", attn)
+    if run.kind in ("pt", "sft"):
+        return tt.PaddedCollator(pad_token_id=pad)
+    if run.kind == "dpo":
+        return tt.PreferenceCollator(pad_token_id=pad)
+    if run.kind == "kto":
+        return tt.KTOCollator(pad_token_id=pad)
+    return tt.PairedCollator(pad_token_id=pad)
+
+
+def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple = ()) -> Run:
+    """Model + fresh adapter, data, trainer and the resume decision for one stage."""
+    import torch
+    from accelerate import PartialState
+    from transformers import PrinterCallback, set_seed
+
+    from tunepipe import trainers as tt
+    from tunepipe.callbacks import LossCurveCallback, ProgressCallback
+
+    stage_params = params.stage(stage)
+    run = Run(stage=stage, kind=trainer_kind(stage, stage_params), params=params, train=params.stage_train(stage),
+              lora=params.stage_lora(stage), stage_params=stage_params, paths=paths)
+    state = PartialState()
+    device = device_settings(run.train)
+    if cpu_threads():
+        run.notes.append("CPU: 1 thread per process (set OMP_NUM_THREADS to change)")
+
+    train_ds, eval_ds = load_datasets(paths.data, stage)
+    tokenizer = load_training_tokenizer(paths.tokenizer, params, stage)
+    full = run.lora.finetuning_type == "full"
+    dtype = torch.bfloat16 if device["bf16"] and not full else torch.float32
+    model, grown = load_model(paths.input_model, tokenizer, dtype=dtype,
+                              trust_remote_code=params.model.trust_remote_code)
+    run.resized_vocab = bool(grown)
+    peft_config = None
+    if not full:
+        peft_config = lora_config(run.lora, grown, tied=bool(model.config.get_text_config().tie_word_embeddings))
+    elif grown:
+        run.notes.append("vocabulary resized (full fine-tuning trains the new rows)")
+
+    fingerprint = run_fingerprint(run)
+    run.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    run.resume_from = resolve_resume(paths.checkpoints, fingerprint, is_main=state.is_main_process)
+    state.wait_for_everyone()
+    if run.resume_from is None and state.is_main_process:
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    args = training_arguments(run, eval_ds is not None, device)
+    run.counter = tt.TokenCounter()
+    collator = make_collator(run, tokenizer, model)
+    run.progress = ProgressCallback(stage, run.counter)
+    run.curve = LossCurveCallback()
+    all_callbacks = [run.progress, run.curve, *callbacks]
+
+    if run.kind in ("pt", "sft"):
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            set_seed(run.train.seed)  # the adapter's random init (lora_A) is part of the run
+            model = get_peft_model(model, peft_config)
+        run.trainer = tt.trainer_class("trainer")(model=model, args=args, data_collator=collator,
+                                                  train_dataset=train_ds, eval_dataset=eval_ds,
+                                                  processing_class=tokenizer, callbacks=all_callbacks)
+    else:
+        cls = tt.trainer_class({"simpo": "cpo"}.get(run.kind, run.kind))
+        kwargs: dict[str, Any] = {"model": model, "args": args, "data_collator": collator,
+                                  "train_dataset": train_ds, "eval_dataset": eval_ds, "processing_class": tokenizer,
+                                  "callbacks": all_callbacks, "peft_config": peft_config}
+        if run.kind in ("dpo", "kto"):
+            # ref_model=None: with a LoRA adapter TRL scores the reference with the adapter disabled, i.e. the model
+            # this stage started from = the previous stage's merged model. Full fine-tuning: TRL loads that same
+            # model again from paths.input_model.
+            kwargs["ref_model"] = None
+            run.notes.append(f"reference model = {paths.input_model} (the model this stage starts from: "
+                             f"{'adapter disabled' if peft_config is not None else 'frozen copy'})")
+        if run.kind == "kto" and stage_params.pref_ftx > 0:
+            log.warning("pref_ftx=%s is ignored for kto (TRL's KTOTrainer has no SFT term)", stage_params.pref_ftx)
+        run.trainer = cls(**kwargs)
+
+    run.trainer.token_counter = run.counter
+    run.trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback prints one line
+    model = run.trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if state.is_main_process:
+        log.info("[%s] %s trainer on %s | %s | %s/%s trainable params (%.2f%%) | train %d%s examples | %s | "
+                 "bf16=%s grad_ckpt=%s | %s", stage, run.kind, paths.input_model,
+                 "full fine-tuning" if full else _describe_lora(peft_config), f"{trainable:,}", f"{total:,}",
+                 100 * trainable / max(total, 1), len(train_ds), f" / eval {len(eval_ds)}" if eval_ds else "",
+                 "resuming from " + run.resume_from if run.resume_from else "fresh start", device["bf16"],
+                 device["activation_checkpointing"], state.num_processes and f"{state.num_processes} process(es)")
+        for note in run.notes:
+            log.info("[%s] %s", stage, note)
+    return run
+
+
+def _describe_lora(cfg) -> str:
+    target = cfg.target_modules if isinstance(cfg.target_modules, str) else ",".join(sorted(cfg.target_modules))
+    extras = [name for name, on in (("dora", cfg.use_dora), ("rslora", cfg.use_rslora)) if on]
+    save = f" +save {','.join(cfg.modules_to_save)}" if cfg.modules_to_save else ""
+    return f"LoRA r={cfg.r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {target}" + \
+        (f" ({'+'.join(extras)})" if extras else "") + save
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train and save
+# ---------------------------------------------------------------------------------------------------------------
+def train(run: Run) -> dict[str, Any]:
+    """Train (resuming when `setup` found a matching checkpoint), evaluate at the end; return the metrics."""
+    from tunepipe.callbacks import peak_memory_mb
+
+    trainer = run.trainer
+    resumed_step = 0
+    if run.resume_from:
+        resumed_step = int(Path(run.resume_from).name.rsplit("-", 1)[-1])
+    output = trainer.train(resume_from_checkpoint=run.resume_from)
+    eval_metrics: dict[str, float] = {}
+    if trainer.eval_dataset is not None:
+        last_eval = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+        if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
+            eval_metrics = {k: v for k, v in last_eval.items() if k.startswith("eval_")}
+        else:
+            eval_metrics = trainer.evaluate()
+
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    progress = run.progress
+    tokens = progress.totals["tokens"]
+    seconds = progress.train_seconds
+    metrics: dict[str, Any] = {
+        "stage": run.stage,
+        "trainer": run.kind,
+        "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "train_loss": losses[-1] if losses else None,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_mean": output.training_loss if trainer.state.global_step > resumed_step else None,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "tokens": int(trainer.state.num_input_tokens_seen),
+        "tokens_this_run": int(tokens),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+        "padding_fraction": round(1 - tokens / progress.totals["slots"], 4) if progress.totals["slots"] else None,
+        "seconds": round(seconds, 2),
+        "resumed_from_step": resumed_step,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        **peak_memory_mb(),
+    }
+    if run.kind == "pt" and metrics["eval_loss"] is not None:
+        metrics["eval_perplexity"] = round(math.exp(metrics["eval_loss"]), 4)
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl"):
+        if f"eval_{key}" in eval_metrics:
+            name = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}.get(
+                key, key.replace("/", "_"))
+            metrics[f"eval_{name}"] = eval_metrics[f"eval_{key}"]
+    return metrics
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def save(run: Run, metrics: dict[str, Any]) -> None:
+    """Adapter (or full model) to paths.adapter atomically, safetensors only; metrics JSON; loss curve CSV + PNG.
+
+    Every rank calls `save_model` (DeepSpeed ZeRO-3 / FSDP gather the weights collectively); only the main process
+    writes, into a temporary sibling that replaces the destination when complete.
+    """
+    from tunepipe.io import atomic_write_text
+
+    trainer = run.trainer
+    dest = run.paths.adapter
+    tmp = dest.with_name(f".{dest.name}.partial")
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    if main:
+        for pickle_file in tmp.glob("*.bin"):  # training_args.bin: a pickle, not needed to use the adapter
+            pickle_file.unlink()
+        weights = sorted(p.name for p in tmp.glob("*.safetensors"))
+        if not weights:
+            raise RuntimeError(f"no safetensors written to {tmp}")
+        meta = {
+            "stage": run.stage,
+            "trainer": run.kind,
+            "finetuning_type": run.lora.finetuning_type,
+            "input_model": run.paths.input_model,
+            "tokenizer": run.paths.tokenizer,
+            "template": run.params.model.template,
+            "resized_vocab": run.resized_vocab,
+            "fingerprint": run.fingerprint,
+            "steps": metrics.get("steps"),
+            "weights": weights,
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(tmp, dest)
+        atomic_write_text(run.paths.metrics, json.dumps(metrics, indent=2) + "\n")
+        run.curve.write(run.paths.plots / f"loss_{run.stage}.csv", run.paths.plots / f"loss_{run.stage}.png",
+                        title=f"{run.stage} ({run.kind})")
+        # The stage is done: its checkpoints (adapter + optimizer state, whole models for full fine-tuning) are
+        # only useful to resume an unfinished run.
+        shutil.rmtree(run.paths.checkpoints, ignore_errors=True)
+        log.info("[%s] adapter -> %s | metrics -> %s | loss curve -> %s", run.stage, dest, run.paths.metrics,
+                 run.paths.plots / f"loss_{run.stage}.csv")
+    trainer.accelerator.wait_for_everyone()
+
+
+def run_stage(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple = ()) -> dict[str, Any]:
+    """setup -> train -> save, for tests and notebooks (stages/train.py spells the same three steps out)."""
+    run = setup(stage, params, paths, callbacks)
+    metrics = train(run)
+    save(run, metrics)
+    return metrics
