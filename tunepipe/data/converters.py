@@ -340,9 +340,27 @@ def check_columns(raw: RawDataset) -> None:
                             file=raw.files[0][0] if raw.files else None, field=column)
 
 
+def arrow_unified(values: list) -> list:
+    """Values as llamafactory's `datasets` 4 JSON loader returns them: objects in a column share one Arrow struct
+    type, so a key present in any row appears in every row (null where missing), in first-seen order. `datasets` 5
+    keeps raw JSON objects instead; the openai converter JSON-dumps tools and tool calls, so this is visible."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values).to_pylist()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return values
+
+
 def convert(raw: RawDataset, *, media_dir: Path | None, skip_bad_rows: bool = False) -> list[Example]:
     """Convert every row; a malformed row is a located `DataError` unless `skip_bad_rows` (then a counted drop)."""
     check_columns(raw)
+    attr = raw.attr
+    if attr.formatting == "openai":
+        for column in (attr.tools, attr.messages):
+            if column and column in raw.columns and any(isinstance(r.get(column), (list, dict)) for r in raw.rows):
+                for row, value in zip(raw.rows, arrow_unified([r.get(column) for r in raw.rows])):
+                    row[column] = value
     converter = make_converter(raw.attr, media_dir)
     examples = []
     for position, row in enumerate(raw.rows):
