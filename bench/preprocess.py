@@ -42,10 +42,10 @@ def make_data(folder: Path, rows: int) -> None:
         for message in row["conversations"]:  # function calls and tool results stay valid JSON
             if message["from"] in ("human", "gpt"):
                 message["value"] = f"{message['value']} (#{i})"
-        tools = json.loads(row["tools"])
-        for tool in tools:  # distinct tool prompts too: no row may repeat another's text
+        definitions = json.loads(row["tools"])
+        for tool in definitions:  # distinct tool prompts too: no row may repeat another's text
             tool["description"] = f"{tool.get('description', '')} (#{i})"
-        row["tools"] = json.dumps(tools, ensure_ascii=False)
+        row["tools"] = json.dumps(definitions, ensure_ascii=False)
         out_tools.append(row)
     (folder / "bench_alpaca.json").write_text(json.dumps(out_alpaca, ensure_ascii=False))
     (folder / "bench_tools.json").write_text(json.dumps(out_tools, ensure_ascii=False))
