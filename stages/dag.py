@@ -23,7 +23,7 @@ from stages import common
 
 DATA_CODE = ["tunepipe/data"]
 TRAIN_CODE = ["stages/train.py", "tunepipe/training.py", "tunepipe/trainers.py", "tunepipe/callbacks.py",
-              "tunepipe/models.py"]
+              "tunepipe/models.py", "tunepipe/data/templates.py"]
 MERGE_CODE = ["stages/merge.py", "tunepipe/merging.py", "tunepipe/data"]
 EVAL_CODE = ["stages/evaluate.py", "tunepipe/evaluation.py", "tunepipe/metrics.py", "tunepipe/data"]
 REGISTER_CODE = ["stages/register.py", "tunepipe/tracking.py"]
@@ -115,7 +115,7 @@ def build(root: Path, params, raw: dict[str, Any] | None = None) -> dict[str, An
                 "do": {
                     "cmd": "python -m stages.train ${key}",
                     "params": present("model", "lora", "train", "stages.${key}"),
-                    "deps": [*TRAIN_CODE, "outputs/data/${key}", "${item.input}"],
+                    "deps": [*TRAIN_CODE, "outputs/data/${key}", "outputs/models/base", "${item.input}"],
                     "outs": ["outputs/adapters/${key}"],
                     "metrics": [{"metrics/train_${key}.json": {"cache": False}}],
                     "plots": [{"plots/loss_${key}.csv": {"cache": False, "x": "step", "y": "loss"}},

@@ -170,8 +170,18 @@ def load_model(path: str, tokenizer, *, dtype, trust_remote_code: bool = False):
 
     if not (Path(path) / "config.json").exists() and Path(path).is_absolute():
         raise ConfigError(f"input model {path} does not exist (run the previous stage's merge first)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.config.use_cache = False  # training; also required for packed-sequence mask detection
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; the stage logs one line instead
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    # Training needs no KV cache; and with one, transformers does not derive the packed-sequence (block-diagonal)
+    # mask from position ids, so packed examples would attend to each other.
+    model.config.use_cache = False
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) <= rows:
         return model, []
@@ -356,10 +366,13 @@ def training_arguments(run: Run, has_eval: bool, device: dict[str, Any]) -> Any:
     raise AssertionError(run.kind)
 
 
-def make_collator(run: Run, tokenizer, model):
+def make_collator(run: Run, tokenizer, model, train_columns: list[str]):
     from tunepipe import trainers as tt
 
     pad = tokenizer.pad_token_id
+    if run.kind == "sft" and "position_ids" in train_columns:
+        run.notes.append("sft data packed by prepare (neat_packing): examples isolated by their position ids")
+        return tt.PrepackedCollator(pad_token_id=pad)
     if run.kind == "sft" and run.train.packing is not False:
         attn = getattr(model.config, "_attn_implementation", None) or "eager"
         if attn in PACKING_ATTENTION:
@@ -390,6 +403,9 @@ def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple
     stage_params = params.stage(stage)
     run = Run(stage=stage, kind=trainer_kind(stage, stage_params), params=params, train=params.stage_train(stage),
               lora=params.stage_lora(stage), stage_params=stage_params, paths=paths)
+    if run.kind == "kto" and run.train.per_device_train_batch_size < 2:
+        raise ConfigError("KTO estimates its KL term across the examples of a batch: use a batch size of 2 or more",
+                          key=f"stages.{stage}.per_device_train_batch_size")
     state = PartialState()
     device = device_settings(run.train)
     if cpu_threads():
@@ -417,7 +433,7 @@ def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple
 
     args = training_arguments(run, eval_ds is not None, device)
     run.counter = tt.TokenCounter()
-    collator = make_collator(run, tokenizer, model)
+    collator = make_collator(run, tokenizer, model, train_ds.column_names)
     run.progress = ProgressCallback(stage, run.counter)
     run.curve = LossCurveCallback()
     all_callbacks = [run.progress, run.curve, *callbacks]
@@ -458,7 +474,7 @@ def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple
                  "full fine-tuning" if full else _describe_lora(peft_config), f"{trainable:,}", f"{total:,}",
                  100 * trainable / max(total, 1), len(train_ds), f" / eval {len(eval_ds)}" if eval_ds else "",
                  "resuming from " + run.resume_from if run.resume_from else "fresh start", device["bf16"],
-                 device["activation_checkpointing"], state.num_processes and f"{state.num_processes} process(es)")
+                 device["activation_checkpointing"], f"{state.num_processes} process(es)")
         for note in run.notes:
             log.info("[%s] %s", stage, note)
     return run
