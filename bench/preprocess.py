@@ -77,10 +77,20 @@ def make_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def timed(cmd: list[str], env: dict) -> float:
+CPU_SECONDS: dict[str, float] = {}
+
+
+def timed(cmd: list[str], env: dict, label: str = "") -> float:
+    """Wall seconds of one command; its CPU seconds (user + system) are kept in CPU_SECONDS[label]: on a shared
+    machine wall time swings with the load, CPU time much less."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS[label] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     return seconds
@@ -122,19 +132,27 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf-cache")}
 
     ours = timed([str(ROOT / ".venv" / "bin" / "tunepipe"), "data", "export", *common, "--out",
-                  str(work / "tunepipe.jsonl")], env)
+                  str(work / "tunepipe.jsonl")], env, "ours")
     print(f"rows: {args.rows} (80% alpaca, 20% tool calls), template qwen, cutoff_len {args.cutoff_len}")
-    print(f"tunepipe data export       {ours:8.1f} s")
+    print(f"tunepipe data export       {ours:8.1f} s   (CPU {CPU_SECONDS['ours']:.1f} s)")
     if args.skip_lf:
         return
     lf_python = Path(args.lf_venv) / "bin" / "python"
     if not lf_python.exists():
         sys.exit(f"no LLaMA-Factory venv at {args.lf_venv}: run `bash bench/lf_venv.sh` first")
-    lf = timed([str(lf_python), str(ROOT / "bench" / "lf_oracle.py"), *common, "--out", str(work / "lf.jsonl")],
-               {**env, "HF_DATASETS_CACHE": str(work / "hf-cache-lf")})
+    lf_command = [str(lf_python), str(ROOT / "bench" / "lf_oracle.py"), *common, "--out", str(work / "lf.jsonl")]
+    # LLaMA-Factory as shipped (tokenizers' thread pool on, the library default), and with the pool off, which
+    # suits its one-call-per-piece tokenization better: we report against both.
+    lf = timed(lf_command, {**env, "HF_DATASETS_CACHE": str(work / "hf-cache-lf")}, "lf")
+    lf_serial = timed(lf_command, {**env, "HF_DATASETS_CACHE": str(work / "hf-cache-lf2"),
+                                   "TOKENIZERS_PARALLELISM": "false"}, "lf_serial")
     rows_ours, rows_lf, first_diff = compare(work / "tunepipe.jsonl", work / "lf.jsonl")
-    print(f"llamafactory 0.9.5         {lf:8.1f} s")
-    print(f"speed-up                   {lf / ours:8.2f} x")
+    print(f"llamafactory 0.9.5         {lf:8.1f} s   (CPU {CPU_SECONDS['lf']:.1f} s; default environment)")
+    print(f"llamafactory 0.9.5         {lf_serial:8.1f} s   (CPU {CPU_SECONDS['lf_serial']:.1f} s; "
+          "TOKENIZERS_PARALLELISM=false)")
+    print(f"speed-up, wall             {lf / ours:8.2f} x / {lf_serial / ours:.2f} x")
+    print(f"speed-up, CPU              {CPU_SECONDS['lf'] / CPU_SECONDS['ours']:8.2f} x / "
+          f"{CPU_SECONDS['lf_serial'] / CPU_SECONDS['ours']:.2f} x")
     same = rows_ours == rows_lf and first_diff < 0
     print(f"identical output           {'yes' if same else 'NO'} ({rows_ours} vs {rows_lf} examples"
           + (f", first difference at example {first_diff})" if first_diff >= 0 else ")"))
