@@ -2,10 +2,15 @@
 
 Run with the project venv; the LF side runs in the side venv built by bench/lf_venv.sh:
 
-    .venv/bin/python bench/parity.py                          # the whole matrix (~200 cases), table, exit 1 on a diff
-    .venv/bin/python bench/parity.py --cases 'sft/*qwen*' -j 2  # a subset (fnmatch globs or substrings, comma-separated)
-    .venv/bin/python bench/parity.py --list                   # case names only
-    .venv/bin/python bench/parity.py --write-golden tests/data/golden   # also (re)write the golden records
+    .venv/bin/python bench/parity.py -j 2                 # the whole matrix (~260 cases), table, exit 1 on a diff
+    .venv/bin/python bench/parity.py --cases 'sft/*qwen*'  # a subset (fnmatch globs or substrings, comma-separated)
+    .venv/bin/python bench/parity.py --list               # case names only (--sample: the live-test sample)
+    .venv/bin/python bench/parity.py -j 2 --write-golden tests/data/golden   # also (re)write the golden records
+    .venv/bin/python bench/parity.py --ours cli ...       # our side through the real `tunepipe data export`
+
+Our side runs by default as `--ours batch`: prepare() + exactly the export command's row serialization, many cases
+per process (what tests/data/test_parity_golden.py runs); `--ours cli` runs the command itself per case (slower).
+Cost: ~10-20 s per case for LF (a fresh process each: LF mutates its global templates), ~0.2 s for ours in batch.
 
 Every case is run through both pipelines with the same CLI (`--stage --dataset --dataset-dir --template --tokenizer
 --cutoff-len [...]`) and compared row by row: same row count, same keys in the same order, same values (compared as
@@ -14,8 +19,9 @@ difference: example index, column, position, and both sides' ids around it decod
 
 Inputs: LF demo data (../shared/data/llamafactory-demo), synthetic edge-case datasets written by
 `write_synthetic()` (deterministic), tokenizers bench/_tokenizers/{bpe_plain,bpe_bos} and the embedded `tiny`
-tokenizer (built deterministically by tunepipe.models into .cache/parity/). The template axis is every template
-both tunepipe and LF 0.9.5 have.
+tokenizer (built deterministically by tunepipe.models into .cache/parity/; the tokenizer files alone, see
+`tiny_tokenizer_dir`). The template axis is every template both tunepipe and LF 0.9.5 have, less those LF cannot
+run with these tokenizers (see `common_templates`).
 
 LF outputs are cached under .cache/parity/lf/ keyed by the case arguments and the bytes of every input (oracle,
 dataset folder, tokenizer), so a rerun only recomputes our side (`--no-lf-cache` to disable).
@@ -24,7 +30,7 @@ Golden records (`--write-golden DIR`): DIR/parity_golden.json.gz, one record per
 truth (merged into the file; the whole matrix also prunes stale records) — the symbolic case arguments,
 row count, columns, sha256 of every row's canonical JSON (`json.dumps(row, separators=(",", ":"),
 ensure_ascii=False)`) and the first 2 rows in full; plus whether we matched when it was written. Cases whose LF
-output is not reproducible (llama3's tool prompt embeds today's date) are not written. tests/data/
+output is not reproducible (llama3's tool prompt embeds today's date; `tiny_model`) are not written. tests/data/
 test_parity_golden.py replays them in-process without LF; tests/data/test_parity_lf.py runs a sample live.
 """
 
@@ -62,8 +68,6 @@ KEY_TEMPLATES = ("default", "empty", "alpaca", "vicuna", "llama2", "llama2_zh", 
                  "chatml", "openchat", "zephyr", "qwen3", "qwen3_nothink", "gemma", "phi4", "deepseek3")
 # Their tool prompt embeds datetime.now(): LF ids change daily, so tool-data cases with them are never golden.
 DATED_TOOL_TEMPLATES = ("llama3", "llama4")
-# LF raises for train_on_prompt with these (efficient_eos); kept out of train_on_prompt cases.
-TOOL_DATASETS = ("glaive_toolcall_en_demo", "glaive_toolcall_zh_demo", "synth_openai")
 
 
 # ------------------------------------------------------------------------------------------------------------ cases
@@ -222,7 +226,7 @@ def build_matrix(templates: list[str], skip: list[str] | tuple[str, ...] = ()) -
     #    mask_history (last-turn budget priority), small preprocessing batches (packing is per batch).
     for ds, t, tok, cut in (("glaive_toolcall_en_demo", "qwen", "bpe_plain", 256),
                             ("alpaca_en_demo", "llama3", "bpe_bos", 128),
-                            ("identity", "default", "tiny", 64),
+                            ("identity", "default", "tiny", 512),
                             ("glaive_toolcall_zh_demo", "mistral", "bpe_bos", 512)):
         k = 60
         add("sft", ds, t, tok, cut, opts={"max_samples": k}, sample=False)
@@ -230,6 +234,8 @@ def build_matrix(templates: list[str], skip: list[str] | tuple[str, ...] = ()) -
         add("sft", ds, t, tok, cut, opts={"neat_packing": True, "max_samples": k}, sample=t == "default")
         add("sft", ds, t, tok, cut, opts={"train_on_prompt": True, "max_samples": k})
         add("sft", ds, t, tok, min(cut, 96), opts={"mask_history": True, "max_samples": k}, sample=t == "mistral")
+    add("sft", "alpaca_en_demo", "qwen", "tiny", 1024, opts={"packing": True, "max_samples": 80})  # many per pack
+    add("sft", "alpaca_en_demo", "llama2", "bpe_bos", 1024, opts={"neat_packing": True, "max_samples": 80})
     add("sft", "glaive_toolcall_en_demo", "qwen", "bpe_plain", 128,
         opts={"packing": True, "max_samples": 50, "preprocessing_batch_size": 16})
     add("sft", "alpaca_zh_demo", "chatml", "tiny", 256,

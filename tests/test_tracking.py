@@ -109,7 +109,7 @@ def _ensure_in_child(uri: str, barrier) -> None:
 def test_concurrent_ensure_store_on_a_fresh_db(tmp_path):
     """Three processes first-touching a fresh DB at once: without the lock MLflow's migrations race."""
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fork after the session's Prefect harness threads is unsafe
     barrier = ctx.Barrier(3)
     procs = [ctx.Process(target=_ensure_in_child, args=(uri, barrier)) for _ in range(3)]
     for proc in procs:

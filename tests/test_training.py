@@ -27,6 +27,7 @@ from tunepipe.trainers import (  # noqa: E402
     PaddedCollator,
     PaddingFreeCollator,
     PreferenceCollator,
+    PrepackedCollator,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,10 @@ def data(tiny, tmp_path_factory) -> Path:
         prepared = prepare(lf_stage, names, args, load_tokenizer(tiny), eval_names=eval_names)
         Dataset.from_dict(prepared.train).save_to_disk(str(root / stage / "train"))
         Dataset.from_dict(prepared.eval).save_to_disk(str(root / stage / "eval"))
+    args = DataArgs(dataset_dir=str(ROOT / "data"), template="qwen", cutoff_len=CUTOFF, max_samples=48,
+                    neat_packing=True)
+    prepared = prepare("sft", "demo_sft", args, load_tokenizer(tiny))
+    Dataset.from_dict(prepared.train).save_to_disk(str(root / "sft_neat" / "train"))
     return root
 
 
@@ -240,6 +245,33 @@ def test_packing_is_contamination_free(tiny, data, attn):
         n0, n1 = len(examples[0]["input_ids"]), len(examples[1]["input_ids"])
         second = model(input_ids=naive).logits[0, n0:n0 + n1]
         assert not torch.allclose(second, alone[1], atol=1e-3)  # the check is sensitive to contamination
+
+
+def test_rows_packed_by_prepare_neat_packing(tiny, data, tmp_path):
+    """LF neat_packing rows train without their segment-id attention mask (position ids isolate the examples): a
+    row's loss equals the loss of its examples run separately."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    row = next(r for r in load_from_disk(str(data / "sft_neat" / "train")) if max(r["attention_mask"]) >= 2)
+    batch = PrepackedCollator(pad_token_id=0)([row])
+    counts = batch.pop(COUNTS_KEY).tolist()
+    assert "attention_mask" not in batch and counts[0] == sum(1 for m in row["attention_mask"] if m)
+    segments = [[i for i, m in enumerate(row["attention_mask"]) if m == k]
+                for k in range(1, max(row["attention_mask"]) + 1)]  # one per example in the row
+    examples = [{"input_ids": [row["input_ids"][i] for i in seg], "labels": [row["labels"][i] for i in seg]}
+                for seg in segments]
+    padded = PaddedCollator(pad_token_id=0)(examples)
+    padded.pop(COUNTS_KEY)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    model.config.use_cache = False  # with a KV cache transformers skips packed-sequence detection (load_model sets it)
+    with torch.no_grad():
+        assert model(**batch).loss.item() == pytest.approx(model(**padded).loss.item(), rel=1e-5)
+
+    metrics = training.run_stage("sft", make_params(max_steps=3, per_device_train_batch_size=2),
+                                 paths(tiny, data, tmp_path, "sft", data_dir=data / "sft_neat"))
+    assert metrics["steps"] == 3 and 0 < metrics["padding_fraction"] < 0.5
+    assert all(math.isfinite(x) for x in losses(tmp_path, "sft"))
 
 
 def test_packed_rows_pad_less_than_padded_batches(data):

@@ -176,6 +176,34 @@ class PaddingFreeCollator:
         return batch
 
 
+@dataclass
+class PrepackedCollator:
+    """Rows packed by the prepare stage (LF `neat_packing: true`: several examples per cutoff_len row, `position_ids`
+    restarting per example, `attention_mask` = 1, 2, 3... per example and 0 on the padding). The attention mask is
+    dropped so that transformers builds the block-diagonal mask from the position ids, as for PaddingFreeCollator
+    (LF does the same with its own 4D mask). Each padding token has position 0: a sequence of its own, label -100."""
+
+    pad_token_id: int = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [list(f["input_ids"]) for f in features]
+        labels = [list(f["labels"]) for f in features]
+        positions = [list(f["position_ids"]) for f in features]
+        width = max(len(r) for r in ids)
+        for i in range(len(ids)):
+            extra = width - len(ids[i])
+            ids[i] += [self.pad_token_id] * extra
+            labels[i] += [IGNORE_INDEX] * extra
+            positions[i] += [0] * extra
+        real = sum(sum(1 for m in f["attention_mask"] if m) for f in features)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+            COUNTS_KEY: _counts(real, sum(_count_labels(lab) for lab in labels), width * len(ids)),
+        }
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Preference collators (DPO / KTO batch layouts of TRL 1.16, built from LF's features)
 # ---------------------------------------------------------------------------------------------------------------

@@ -78,8 +78,11 @@ def _check(record: dict, inputs: dict) -> None:
     if case.data == "synth" and record.get("synth_digest") != parity.synthetic_digest():
         pytest.fail(f"bench/parity.py's synthetic datasets changed since the golden record was written; {REGENERATE}")
 
-    rows = parity.export_ours_inprocess(case, inputs["dirs"][case.data], tok_path)
-    problem = _first_problem(record, rows, case, tok_path)
+    try:
+        rows = parity.export_ours_inprocess(case, inputs["dirs"][case.data], tok_path)
+        problem = _first_problem(record, rows, case, tok_path)
+    except Exception as err:  # noqa: BLE001 - LF processed this case: an error of ours is a parity failure
+        problem = f"tunepipe raised {type(err).__name__}: {err}"
     if not record.get("ours_identical_when_written", True):
         if problem:
             pytest.xfail(f"known difference from LF: {record.get('known_diff', '')[:500]}")
