@@ -128,8 +128,11 @@ def _load_file(path: Path, builder: str, attr: DatasetAttr, cache_dir: str | Non
 
     if path.stat().st_size == 0:
         raise DataError("file is empty", dataset=attr.name, file=str(path))
+    # datasets >= 5 keeps mixed-shape JSON objects as raw JSON and reshapes "agent trace" files; LF's datasets 4
+    # unifies objects into Arrow structs (missing keys -> null) and reads every file as is. Ask for that behaviour.
+    extra = {"on_mixed_types": None, "parse_agent_traces": False} if builder == "json" else {}
     try:
-        return load_dataset(builder, data_files=[str(path)], split="train", cache_dir=cache_dir)
+        return load_dataset(builder, data_files=[str(path)], split="train", cache_dir=cache_dir, **extra)
     except Exception as err:  # datasets wraps parse errors in several exception types
         detail = _locate_json_error(path) if builder == "json" else None
         raise DataError(detail or f"cannot read {builder} file: {_first_line(err)}", dataset=attr.name,
