@@ -564,7 +564,8 @@ def synthetic_datasets() -> tuple[dict[str, Any], dict[str, Any]]:
                                                "rejected": "rejected"}},
     }
     files = {"sharegpt_mixed.json": sharegpt_mixed, "alpaca12.json": base_alpaca, "alpaca_history.json": history,
-             "openai.json": openai_rows, "openai_uniform.json": openai_uniform, "hermes_like.jsonl": hermes_like, "kto.json": kto_rows, "kto_alpaca.json": kto_alpaca,
+             "openai.json": openai_rows, "openai_uniform.json": openai_uniform, "hermes_like.jsonl": hermes_like,
+             "kto.json": kto_rows, "kto_alpaca.json": kto_alpaca,
              "ranking_alpaca.json": ranking_alpaca, "ranking_sharegpt.json": ranking_sharegpt}
     return info, files
 
@@ -878,7 +879,8 @@ def describe_row_diff(ours: str, lf: str, decoder: Decoder | None) -> str:
             msg = f"col {col} pos {pos} (len ours {len(a)} / LF {len(b)}): ids ours {a[lo:hi]} vs LF {b[lo:hi]}"
             if decoder is not None and decoder.tok is not None and not col.startswith(("attention", "position",
                                                                                       "kl_attention")):
-                msg += f"\n      ours[{lo}:{hi}] {decoder.text(a[lo:hi])}\n      LF  [{lo}:{hi}] {decoder.text(b[lo:hi])}"
+                msg += (f"\n      ours[{lo}:{hi}] {decoder.text(a[lo:hi])}"
+                        f"\n      LF  [{lo}:{hi}] {decoder.text(b[lo:hi])}")
             return msg
         d = _first_path_diff(a, b)
         where = d[0] if d else ""
@@ -1127,8 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     width = min(90, max(len(c.name) for c in cases))
     print(f"{len(cases)} cases, {len(templates)} common templates ({len(token_slot_templates)} left out: LF needs "
-          f"special tokens or a processor our test tokenizers lack: {', '.join(token_slot_templates)}), ours via {args.ours}, "
-          f"jobs {args.jobs}", file=sys.stderr)
+          f"special tokens or a processor our test tokenizers lack: {', '.join(token_slot_templates)}), "
+          f"ours via {args.ours}, jobs {args.jobs}", file=sys.stderr)
     done = [0]
     start = time.perf_counter()
 

@@ -2,10 +2,11 @@
 
 tests/data/golden/parity_golden.json.gz holds one record per case of bench/parity.py's matrix, written from LF
 0.9.5's own pipeline by `.venv/bin/python bench/parity.py --write-golden tests/data/golden` (see that file): the
-case's arguments, the row count, the sha256 of every row's canonical JSON and the first two rows in full. Here every case runs through our
-pipeline in-process (`prepare()` + the row serialization of `tunepipe data export`) and must give the same rows,
-hash for hash. Inputs come from the repo and ../shared only: the LF demo data, bench/_tokenizers, the embedded
-tiny model's tokenizer (deterministic build) and the synthetic datasets bench/parity.py generates.
+case's arguments, the row count, the sha256 of every row's canonical JSON and the first two rows in full. Here every
+case runs through our pipeline in-process (`prepare()` + the row serialization of `tunepipe data export`) and must
+give the same rows, hash for hash. Inputs come from the repo and ../shared only: the LF demo data,
+bench/_tokenizers, the embedded tiny model's tokenizer (deterministic build) and the synthetic datasets
+bench/parity.py generates.
 
 A default subset runs in the normal suite; the rest is marked `slow`. Cases that did not match LF when the golden
 files were written are expected failures (strict: once they match, regenerate the golden files).
