@@ -96,3 +96,33 @@ def pipeline_project(tmp_path_factory, prefect_harness):
     yield root
 
 
+
+
+# ------------------------------------------------------------------------------------------------ tiny test models
+def _small_config():
+    from tunepipe.models import TinyConfig
+
+    return TinyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+
+
+SMALL = _small_config()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    """A 2-layer tiny Qwen2 with the demo tokenizer, built once per session (training, merging, evaluation)."""
+    from tunepipe.models import TINY, resolve_model_path
+
+    return resolve_model_path(TINY, cache_dir=tmp_path_factory.getbasetemp() / "tiny-cache", config=SMALL)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded; on a busy shared CPU two OpenMP threads are ~100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,26 +17,12 @@ from tunepipe.data.converters import Example  # noqa: E402
 from tunepipe.data.processors import Processor, ProcessorOptions  # noqa: E402
 from tunepipe.data.templates import get_template  # noqa: E402
 from tunepipe.metrics import similarity_scores  # noqa: E402
-from tunepipe.models import TINY, TinyConfig, load_tokenizer, resolve_model_path  # noqa: E402
+from tunepipe.models import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = TinyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded; on a busy shared CPU two OpenMP threads are ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> str:
-    return resolve_model_path(TINY, cache_dir=tmp_path_factory.getbasetemp() / "tiny-cache", config=SMALL)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tok_template(tiny):

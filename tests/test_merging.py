@@ -16,29 +16,14 @@ torch = pytest.importorskip("torch")
 from tunepipe import merging  # noqa: E402
 from tunepipe.data.templates import get_template  # noqa: E402
 from tunepipe.merging import MergeError, check_chat_template, merge_adapter  # noqa: E402
-from tunepipe.models import TINY, TinyConfig, load_tokenizer, resolve_model_path  # noqa: E402
+from tunepipe.models import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = TinyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2)
 ANSWER = "Diond was founded in 1489."
 QUESTION = "In which year was Diond founded?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded; on a busy shared CPU two OpenMP threads are ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> str:
-    """A 2-layer tiny Qwen2 with the demo tokenizer (built once per session, shared with test_evaluation)."""
-    return resolve_model_path(TINY, cache_dir=tmp_path_factory.getbasetemp() / "tiny-cache", config=SMALL)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def fixed(tokenizer_path: str, name: str = "qwen"):
     tok = load_tokenizer(tokenizer_path)

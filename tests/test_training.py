@@ -20,7 +20,7 @@ from tunepipe import training  # noqa: E402
 from tunepipe.callbacks import StopAfterStep  # noqa: E402
 from tunepipe.config import LoraParams, TrainParams, parse_params  # noqa: E402
 from tunepipe.errors import ConfigError  # noqa: E402
-from tunepipe.models import TINY, TinyConfig, load_tokenizer, resolve_model_path  # noqa: E402
+from tunepipe.models import load_tokenizer  # noqa: E402
 from tunepipe.trainers import (  # noqa: E402
     COUNTS_KEY,
     KTOCollator,
@@ -31,8 +31,6 @@ from tunepipe.trainers import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = TinyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2)
 CUTOFF = 128
 DATA = {  # stage -> (LF stage, train datasets, eval datasets, max_samples per dataset)
     "cpt": ("pt", "demo_cpt", "demo_cpt_eval", 64),
@@ -42,19 +40,7 @@ DATA = {  # stage -> (LF stage, train datasets, eval datasets, max_samples per d
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> str:
-    """A 2-layer tiny Qwen2 with the demo tokenizer (built once per session, shared with test_merging)."""
-    return resolve_model_path(TINY, cache_dir=tmp_path_factory.getbasetemp() / "tiny-cache", config=SMALL)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="session")
 def data(tiny, tmp_path_factory) -> Path:
