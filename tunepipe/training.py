@@ -540,24 +540,13 @@ def train(run: Run) -> dict[str, Any]:
     return metrics
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
-
-
 def save(run: Run, metrics: dict[str, Any]) -> None:
     """Adapter (or full model) to paths.adapter atomically, safetensors only; metrics JSON; loss curve CSV + PNG.
 
     Every rank calls `save_model` (DeepSpeed ZeRO-3 / FSDP gather the weights collectively); only the main process
     writes, into a temporary sibling that replaces the destination when complete.
     """
-    from tunepipe.io import atomic_write_text
+    from tunepipe.io import atomic_write_text, replace_dir
 
     trainer = run.trainer
     dest = run.paths.adapter
@@ -587,7 +576,7 @@ def save(run: Run, metrics: dict[str, Any]) -> None:
             "weights": weights,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
         atomic_write_text(run.paths.metrics, json.dumps(metrics, indent=2) + "\n")
         run.curve.write(run.paths.plots / f"loss_{run.stage}.csv", run.paths.plots / f"loss_{run.stage}.png",
                         title=f"{run.stage} ({run.kind})")
