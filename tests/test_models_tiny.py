@@ -117,6 +117,27 @@ def test_tokenizer_round_trips_domain_text(tokenizer):
     assert len(tokenizer.encode(text, add_special_tokens=False)) < len(text) / 3
 
 
+@pytest.mark.parametrize("declared", ["PreTrainedTokenizerFast", "TokenizersBackend"])
+def test_generic_fast_tokenizer_class_is_kept_beside_a_qwen2_config(built, tmp_path, declared):
+    """transformers 5.2x would load a Qwen2Tokenizer from config.json (another pre-tokenizer, other ids);
+    LLaMA-Factory's transformers keeps the declared generic class, and so do we."""
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(built["a"] / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": declared}))
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2"
+    loaded = load_tokenizer(str(tmp_path))
+    assert type(loaded).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    assert "Split" not in str(loaded.backend_tokenizer.pre_tokenizer)
+    text = "Ünïcødé 12345 isn't\n\n  spaced"
+    from tokenizers import Tokenizer
+
+    saved = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))  # the ids the file itself defines
+    assert loaded.encode(text, add_special_tokens=False) == saved.encode(text, add_special_tokens=False).ids
+
+
 def test_resolve_model_path(built, monkeypatch):
     assert resolve_model_path("Qwen/Qwen2.5-0.5B", cache_dir=built["root"]) == "Qwen/Qwen2.5-0.5B"
     assert resolve_model_path("/some/local/dir", cache_dir=built["root"]) == "/some/local/dir"

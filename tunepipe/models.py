@@ -331,17 +331,20 @@ def resolve_model_path(
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """AutoTokenizer as LLaMA-Factory loads it: fast, special tokens not split, right padding.
 
-    A directory whose tokenizer_config.json declares the generic `PreTrainedTokenizerFast` (the tiny model) is
-    loaded as exactly that: transformers >= 5.2x would otherwise pick a model-specific class from config.json
-    (Qwen2Tokenizer), which swaps the pre-tokenizer and changes ids — and LLaMA-Factory's transformers does not.
+    A directory whose tokenizer_config.json declares the generic fast class (`PreTrainedTokenizerFast`, the tiny
+    model, or its transformers-5 name `TokenizersBackend`) is loaded as exactly that: transformers >= 5.2x would
+    otherwise pick a model-specific class from config.json (Qwen2Tokenizer), which swaps the pre-tokenizer and
+    changes ids — and LLaMA-Factory's transformers (5.6) does not.
     `trust_remote_code` stays off unless the user opts in (params.yaml), since it runs code from the model dir.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     kwargs = dict(split_special_tokens=False, padding_side="right", trust_remote_code=trust_remote_code)
     config = Path(path) / "tokenizer_config.json"
-    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") == \
-            "PreTrainedTokenizerFast":
+    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") in \
+            ("PreTrainedTokenizerFast", "TokenizersBackend"):
+        from transformers import PreTrainedTokenizerFast  # not via the Auto classes: those import torch (~1.5 s)
+
         kwargs.pop("trust_remote_code")
         return PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path, use_fast=True, **kwargs)
