@@ -679,10 +679,14 @@ def export_ours_inprocess(case: Case, dataset_dir: Path, tokenizer_path: Path) -
     opts = dict(case.opts)
     args = DataArgs(dataset_dir=str(dataset_dir), template=case.template, cutoff_len=case.cutoff_len,
                     packing=opts.pop("packing", None), **opts)
-    prepared = prepare(case.stage, case.dataset, args, load_tokenizer(str(tokenizer_path)))
-    columns = prepared.train
-    keys = list(columns)
-    return [canonical(dict(zip(keys, row))) for row in zip(*(columns[key] for key in keys))]
+    rows: list[str] = []
+
+    def write(columns: dict[str, list]) -> None:  # the export command streams batch by batch, so do we
+        keys = list(columns)
+        rows.extend(canonical(dict(zip(keys, row))) for row in zip(*columns.values()))
+
+    prepare(case.stage, case.dataset, args, load_tokenizer(str(tokenizer_path)), on_train_batch=write)
+    return rows
 
 
 @dataclass

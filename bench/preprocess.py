@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,10 +130,16 @@ def main() -> None:
         make_tokenizer(tok)
     common = ["--stage", "sft", "--dataset", "bench_alpaca,bench_tools", "--dataset-dir", str(data),
               "--template", "qwen", "--tokenizer", str(tok), "--cutoff-len", str(args.cutoff_len)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf-cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def cold(name: str) -> dict:
+        """Each run starts without `datasets`' cache (which would skip reading the JSON again)."""
+        cache = work / name
+        shutil.rmtree(cache, ignore_errors=True)
+        return {**env, "HF_DATASETS_CACHE": str(cache)}
 
     ours = timed([str(ROOT / ".venv" / "bin" / "tunepipe"), "data", "export", *common, "--out",
-                  str(work / "tunepipe.jsonl")], env, "ours")
+                  str(work / "tunepipe.jsonl")], cold("hf-cache"), "ours")
     print(f"rows: {args.rows} (80% alpaca, 20% tool calls), template qwen, cutoff_len {args.cutoff_len}")
     print(f"tunepipe data export       {ours:8.1f} s   (CPU {CPU_SECONDS['ours']:.1f} s)")
     if args.skip_lf:
@@ -143,9 +150,8 @@ def main() -> None:
     lf_command = [str(lf_python), str(ROOT / "bench" / "lf_oracle.py"), *common, "--out", str(work / "lf.jsonl")]
     # LLaMA-Factory as shipped (tokenizers' thread pool on, the library default), and with the pool off, which
     # suits its one-call-per-piece tokenization better: we report against both.
-    lf = timed(lf_command, {**env, "HF_DATASETS_CACHE": str(work / "hf-cache-lf")}, "lf")
-    lf_serial = timed(lf_command, {**env, "HF_DATASETS_CACHE": str(work / "hf-cache-lf2"),
-                                   "TOKENIZERS_PARALLELISM": "false"}, "lf_serial")
+    lf = timed(lf_command, cold("hf-cache-lf"), "lf")
+    lf_serial = timed(lf_command, {**cold("hf-cache-lf"), "TOKENIZERS_PARALLELISM": "false"}, "lf_serial")
     rows_ours, rows_lf, first_diff = compare(work / "tunepipe.jsonl", work / "lf.jsonl")
     print(f"llamafactory 0.9.5         {lf:8.1f} s   (CPU {CPU_SECONDS['lf']:.1f} s; default environment)")
     print(f"llamafactory 0.9.5         {lf_serial:8.1f} s   (CPU {CPU_SECONDS['lf_serial']:.1f} s; "

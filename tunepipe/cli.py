@@ -196,12 +196,14 @@ def data_export(
                     overlength=overlength)
     import orjson
 
-    prepared = prepare(stage, dataset, args, _load_tokenizer(tokenizer))
-    columns = prepared.train
-    keys = list(columns)
+    tok = _load_tokenizer(tokenizer)
     with atomic_open(out, "wb") as handle:
-        for row in zip(*(columns[key] for key in keys)):
-            handle.write(orjson.dumps(dict(zip(keys, row))) + b"\n")
+
+        def write(columns: dict[str, list]) -> None:
+            keys = list(columns)
+            handle.write(b"".join(orjson.dumps(dict(zip(keys, row))) + b"\n" for row in zip(*columns.values())))
+
+        prepared = prepare(stage, dataset, args, tok, on_train_batch=write)
     data = health.report(stage, prepared.datasets, prepared.health, cutoff_len, prepared.notes)
     if report:
         health.write(report, data)

@@ -160,3 +160,71 @@ def test_option_conflicts_are_errors():
         run("sft", [conv("q", "a")], train_on_prompt=True, mask_history=True)
     with pytest.raises(DataError, match="only apply to the sft stage"):
         run("dpo", [], neat_packing=True)
+
+
+def test_batches_tokenize_in_a_worker_thread_with_the_same_ids(monkeypatch):
+    """After the first (checked, synchronous) batch, the Rust tokenizer call runs in the worker thread while the
+    next batch is rendered; the features equal those of one big batch, batch by batch in order."""
+    import threading
+
+    from tunepipe.data.processors import BatchTokenizer
+
+    threads = []
+    original = BatchTokenizer._encode_pieces
+
+    def spy(self, pieces):
+        threads.append(threading.current_thread().name)
+        return original(self, pieces)
+
+    rows = [conv(f"question {i}", f"answer number {i}") for i in range(7)]
+    whole, _, tok = run("sft", rows)
+    monkeypatch.setattr(BatchTokenizer, "_encode_pieces", spy)
+    processor = Processor("sft", get_template("default"), tok, ProcessorOptions(preprocessing_batch_size=2))
+    batches = list(processor.batches(rows))
+    assert [len(b["input_ids"]) for b in batches] == [2, 2, 2, 1]
+    assert [ids for b in batches for ids in b["input_ids"]] == whole["input_ids"]
+    assert [ids for b in batches for ids in b["labels"]] == whole["labels"]
+    assert threads[0] == "MainThread" and len(threads) == 4
+    assert all(name.startswith("tokenize") for name in threads[1:])
+    assert processor.health.examples_out == 7 and processor.health.rows_in == 7
+
+
+def test_row_error_in_a_later_batch_names_its_row():
+    rows = [conv(f"q{i}", f"a{i}") for i in range(5)]
+    for position, row in enumerate(rows):
+        row.position, row.dataset = position, "demo"
+    rows[3].images = ["cat.png"]
+    tok = char_tokenizer()
+    processor = Processor("sft", get_template("default"), tok, ProcessorOptions(preprocessing_batch_size=2))
+    with pytest.raises(DataError) as err:
+        processor.process(rows, locate=lambda e: ("demo.json", e.position))
+    assert "demo.json" in str(err.value) and "row 3" in str(err.value) and "images" in str(err.value)
+
+
+def test_prepare_streams_batches_with_cyclic_gc_paused(tiny):
+    """`on_train_batch` gets the same features as `Prepared.train`, batch by batch; the cyclic GC is paused while
+    preparing and back on afterwards, also after an error."""
+    import gc
+    from pathlib import Path
+
+    from tunepipe.data.prepare import DataArgs, prepare
+    from tunepipe.models import load_tokenizer
+
+    data = Path(__file__).resolve().parents[2] / "data"
+    args = DataArgs(dataset_dir=str(data), template="qwen", cutoff_len=64, preprocessing_batch_size=16)
+    whole = prepare("sft", "demo_sft", args, load_tokenizer(tiny))
+    streamed, gc_states = [], []
+
+    def collect(batch):
+        gc_states.append(gc.isenabled())
+        streamed.append(batch)
+
+    prepared = prepare("sft", "demo_sft", args, load_tokenizer(tiny), on_train_batch=collect)
+    assert prepared.train == {} and len(streamed) > 2 and gc_states == [False] * len(streamed)
+    assert [ids for b in streamed for ids in b["input_ids"]] == whole.train["input_ids"]
+    assert [ids for b in streamed for ids in b["labels"]] == whole.train["labels"]
+    assert prepared.health.examples_out == len(whole.train["input_ids"])
+    assert gc.isenabled()
+    with pytest.raises(DataError, match="no_such_dataset"):
+        prepare("sft", "no_such_dataset", args, load_tokenizer(tiny))
+    assert gc.isenabled()

@@ -7,7 +7,10 @@ The tokenizer is fixed by the template first (EOS replacement, pad = EOS, stop w
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -178,10 +181,27 @@ def load_template(args: DataArgs, tokenizer, *, stage: str):
     return template
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Processing allocates millions of token lists; each of Python's full collections walks all of them (and the
+    raw rows) looking for cycles that this code never makes: 15-30% of the run time. Reference counting still
+    frees everything; collection resumes afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@_no_cyclic_gc()
 def prepare(stage: str, names: str | list[str], args: DataArgs, tokenizer, *,
-            eval_names: str | list[str] | None = None, eval_stage: str | None = None) -> Prepared:
+            eval_names: str | list[str] | None = None, eval_stage: str | None = None,
+            on_train_batch: Callable[[dict[str, list]], None] | None = None) -> Prepared:
     """Load and process the datasets of one stage. `eval_stage="unsupervised"` processes the eval set as
-    generation prompts (LF's predict_with_generate)."""
+    generation prompts (LF's predict_with_generate). With `on_train_batch`, the training features are handed over
+    batch by batch as they are ready (a writer can then overlap with tokenization) and `Prepared.train` is empty."""
     import numpy as np
 
     names, eval_list = split_names(names), split_names(eval_names)
@@ -203,13 +223,18 @@ def prepare(stage: str, names: str | list[str], args: DataArgs, tokenizer, *,
 
     options = args.processor_options()
     processor = Processor(stage, template, tokenizer, options)
-    train = processor.process(train_examples, locate)
+    if on_train_batch is None:
+        train = processor.process(train_examples, locate)
+    else:
+        train = {}
+        for batch in processor.batches(train_examples, locate):
+            on_train_batch(batch)
     eval_columns, eval_health = None, None
     if eval_examples is not None:
         eval_processor = Processor(eval_stage or stage, template, tokenizer, options)
         eval_columns = eval_processor.process(eval_examples, locate)
         eval_health = eval_processor.health
-    if not train.get("chosen_input_ids" if stage == "dpo" else "input_ids"):
+    if not processor.health.examples_out:
         reasons = ", ".join(f"{n} {r}" for r, n in processor.health.dropped.most_common()) or "no rows"
         hint = "not enough tokens for one block of cutoff_len" if stage == "pt" else f"dropped: {reasons}"
         raise DataError(f"no usable {stage} examples in {', '.join(names)} ({hint})")

@@ -11,13 +11,20 @@ LF works on `datasets.map` batches of `preprocessing_batch_size` rows and that i
 remainder of each batch, sft packing packs within a batch, the KTO KL pairing rotates within a batch), so we keep the
 same batches. Inside a batch we are faster: every message is rendered first, then all distinct text pieces of the
 batch are tokenized in one call to the (Rust) tokenizer instead of one Python call per piece. Each piece is still
-tokenized on its own, as LF does, so the ids are identical.
+tokenized on its own, as LF does, so the ids are identical. Across batches we overlap: the Rust call releases the
+GIL, so it runs in a background thread while the next batch is rendered and the previous one assembled in Python.
+
+Each `_batch_<stage>` is written as one readable function: it renders, hands the element lists to the driver with
+`flat = yield element_lists`, and assembles the columns from the token ids it gets back (`return columns`).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import Counter, defaultdict
+import inspect
+from collections import Counter, defaultdict, deque
+from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -101,12 +108,15 @@ def row_issue(example: Example, stage: str) -> str | None:
 
 class BatchTokenizer:
     """Tokenize many text pieces in one call; each piece on its own (`add_special_tokens=False`), as LF's
-    `tokenizer.encode(piece)` does. Pieces that repeat within a batch (system prompts, template constants) are kept.
+    `tokenizer.encode(piece)` does. Pieces that repeat (system prompts, template constants) are tokenized once.
 
     For fast tokenizers the Rust backend's `encode_batch_fast` is used directly: it skips offset tracking and the
     per-encoding Python conversion, which is most of the cost besides the tokenization itself. The first batch is
     also encoded through the regular `tokenizer(...)` call and compared piece by piece; any difference (a tokenizer
     class that adds Python-side processing) switches the fast path off for good.
+
+    `start()` may hand the Rust call to a worker thread and `finish()` collects it: between the two the caller is
+    free to do Python work. Only `start`/`finish` touch the piece cache, and both run on the caller's thread.
     """
 
     def __init__(self, tokenizer):
@@ -127,16 +137,25 @@ class BatchTokenizer:
                 return self._encode_pieces(pieces)
         return fast
 
-    def encode(self, element_lists: list[list[Element]]) -> list[list[int]]:
+    def start(self, element_lists: list[list[Element]], pool: ThreadPoolExecutor | None = None) -> _Pending:
         counts = Counter(e for elems in element_lists for e in elems if isinstance(e, str) and e)
         pending = [piece for piece in counts if piece not in self.keep]
+        ids: Future = Future()
+        # The slow path calls `tokenizer(...)`, which may reconfigure the backend (truncation/padding): never
+        # from two threads at once, so it (and the one-time check of the fast path) stays on this thread.
+        if pool is not None and pending and self.fast and self.verified:
+            ids = pool.submit(self._encode_pieces, pending)
+        else:
+            ids.set_result(self._encode_pieces(pending) if pending else [])
+        return _Pending(element_lists, counts, pending, ids)
+
+    def finish(self, job: _Pending) -> list[list[int]]:
         ids = dict(self.keep)
-        if pending:
-            ids.update(zip(pending, self._encode_pieces(pending)))
-            if len(self.keep) < 4096:
-                self.keep.update((piece, ids[piece]) for piece in pending if counts[piece] > 1)
+        ids.update(zip(job.pieces, job.ids.result()))
+        if len(self.keep) < 4096:
+            self.keep.update((piece, ids[piece]) for piece in job.pieces if job.counts[piece] > 1)
         out = []
-        for elems in element_lists:
+        for elems in job.element_lists:
             tokens: list[int] = []
             for e in elems:
                 if isinstance(e, str):
@@ -146,6 +165,17 @@ class BatchTokenizer:
                     tokens.append(e)
             out.append(tokens)
         return out
+
+    def encode(self, element_lists: list[list[Element]]) -> list[list[int]]:
+        return self.finish(self.start(element_lists))
+
+
+@dataclass
+class _Pending:
+    element_lists: list[list[Element]]
+    counts: Counter
+    pieces: list[str]  # the pieces sent to the tokenizer, in order
+    ids: Future  # their token ids
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
@@ -202,20 +232,49 @@ class Processor:
         """Process all examples in LF's map batches; returns LF's feature columns. `locate(example)` gives
         (file, row) for error messages."""
         columns: dict[str, list] = defaultdict(list)
+        for out in self.batches(examples, locate):
+            for key, values in out.items():
+                columns[key] += values
+        return dict(columns)
+
+    def batches(self, examples: list[Example], locate=None) -> Iterator[dict[str, list]]:
+        """The feature columns of each batch, in order. While batch k is tokenized (worker thread), batch k+1 is
+        rendered; then batch k is assembled while batch k+1 is tokenized."""
         size = self.opts.preprocessing_batch_size
+        starts = range(0, len(examples), size)
         self.health.rows_in += len(examples)
-        for start in range(0, len(examples), size):
-            batch = examples[start : start + size]
+        key = "chosen_input_ids" if self.stage == "dpo" else "input_ids"
+        in_flight: deque[tuple[Generator | dict, _Pending | None]] = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
             try:
-                out = getattr(self, f"_batch_{self.stage}")(batch)
+                for i, start in enumerate(starts):
+                    in_flight.append(self._start_batch(examples[start : start + size], pool))
+                    while len(in_flight) > 1 or (in_flight and i == len(starts) - 1):
+                        out = self._finish_batch(in_flight.popleft())
+                        self.health.examples_out += len(out.get(key, []))
+                        yield out
             except _LocatedRowError as err:
                 file, row = locate(err.example) if locate else (None, err.example.position)
                 raise err.error.located(dataset=err.example.dataset or None, file=file, row=row) from None
-            for key, values in out.items():
-                columns[key] += values
-        key = "chosen_input_ids" if self.stage == "dpo" else "input_ids"
-        self.health.examples_out = len(columns.get(key, []))
-        return dict(columns)
+
+    def _start_batch(self, batch: list[Example], pool: ThreadPoolExecutor) -> tuple[Generator | dict, _Pending | None]:
+        work = getattr(self, f"_batch_{self.stage}")(batch)
+        if not inspect.isgenerator(work):  # a stage that tokenizes in one synchronous call (pt)
+            return work, None
+        try:
+            return work, self.batch.start(next(work), pool)
+        except StopIteration as done:
+            return done.value, None
+
+    def _finish_batch(self, started: tuple[Generator | dict, _Pending | None]) -> dict[str, list]:
+        work, job = started
+        if job is None:
+            return work
+        try:
+            work.send(self.batch.finish(job))
+        except StopIteration as done:
+            return done.value
+        raise RuntimeError("a batch processor asked to tokenize twice")
 
     def _render(self, batch: list[Example], render) -> list[Any]:
         rendered = []
@@ -289,13 +348,13 @@ class Processor:
         return result
 
     # -- sft -----------------------------------------------------------------------------------------------------
-    def _encode_supervised(self, batch: list[Example]) -> list[tuple[Example, list[int], list[int]] | None]:
-        """LF's SupervisedDatasetProcessor._encode_data_example for every valid row of the batch (None = dropped)."""
+    def _encode_supervised(self, batch: list[Example]) -> Generator[Any, Any, list[tuple[Example, list[int], list[int]]]]:
+        """LF's SupervisedDatasetProcessor._encode_data_example for every valid row of the batch."""
         valid = self._usable(batch)
         discard_cot = self.opts.mask_history and not self.template.preserve_thinking
         rendered = self._render(valid, lambda e: self.template.render_multiturn(
             self.tokenizer, e.prompt + e.response, e.system, e.tools, discard_cot))
-        flat = self.batch.encode([elems for pairs in rendered for pair in pairs for elems in pair])
+        flat = yield [elems for pairs in rendered for pair in pairs for elems in pair]
         eos_id = self.tokenizer.eos_token_id
         efficient_eos = self.template.efficient_eos
         o = self.opts
@@ -345,15 +404,15 @@ class Processor:
         h = self.health
         h.lengths.append(full_length)
         h.tokens += len(input_ids)
-        trained = sum(1 for t in labels if t != IGNORE_INDEX)
+        trained = len(labels) - labels.count(IGNORE_INDEX)
         h.label_tokens += trained
         h.zero_label += trained == 0
         if full_length > len(input_ids):
             h.truncated += 1
             h.lost_eos += lost_eos
 
-    def _batch_sft(self, batch: list[Example]) -> dict[str, list]:
-        encoded = self._encode_supervised(batch)
+    def _batch_sft(self, batch: list[Example]) -> Generator[Any, Any, dict[str, list]]:
+        encoded = yield from self._encode_supervised(batch)
         if not self.opts.packing:
             return {
                 "input_ids": [ids for _, ids, _ in encoded],
@@ -405,7 +464,7 @@ class Processor:
         return dict(out)
 
     # -- dpo (pairwise) ------------------------------------------------------------------------------------------
-    def _batch_dpo(self, batch: list[Example]) -> dict[str, list]:
+    def _batch_dpo(self, batch: list[Example]) -> Generator[Any, Any, dict[str, list]]:
         valid = self._usable(batch)
 
         def render(e: Example):
@@ -415,7 +474,7 @@ class Processor:
             return [prompt, chosen, rejected]
 
         rendered = self._render(valid, render)
-        flat = self.batch.encode([elems for triple in rendered for elems in triple])
+        flat = yield [elems for triple in rendered for elems in triple]
         eos = [self.tokenizer.eos_token_id] if self.template.efficient_eos else []
         out: dict[str, list] = defaultdict(list)
         for i, example in enumerate(valid):
@@ -434,7 +493,7 @@ class Processor:
         return dict(out)
 
     # -- kto (feedback) ------------------------------------------------------------------------------------------
-    def _batch_kto(self, batch: list[Example]) -> dict[str, list]:
+    def _batch_kto(self, batch: list[Example]) -> Generator[Any, Any, dict[str, list]]:
         # KL completions rotate by one row within the batch, computed before invalid rows are filtered (LF).
         responses = [e.response for e in batch]
         valid, kl_responses = [], []
@@ -456,7 +515,7 @@ class Processor:
             return [prompt, target, kl_prompt, kl_target]
 
         rendered = self._render(list(zip(valid, kl_responses)), render) if valid else []
-        flat = self.batch.encode([elems for quad in rendered for elems in quad])
+        flat = yield [elems for quad in rendered for elems in quad]
         eos = [self.tokenizer.eos_token_id] if self.template.efficient_eos else []
         out: dict[str, list] = defaultdict(list)
         for i, example in enumerate(valid):
@@ -480,7 +539,7 @@ class Processor:
         return dict(out)
 
     # -- unsupervised --------------------------------------------------------------------------------------------
-    def _batch_unsupervised(self, batch: list[Example]) -> dict[str, list]:
+    def _batch_unsupervised(self, batch: list[Example]) -> Generator[Any, Any, dict[str, list]]:
         valid = self._usable(batch)
 
         def render(e: Example):
@@ -488,7 +547,7 @@ class Processor:
             return list(self.template.render_oneturn(self.tokenizer, messages, e.system, e.tools))
 
         rendered = self._render(valid, render)
-        flat = self.batch.encode([elems for pair in rendered for elems in pair])
+        flat = yield [elems for pair in rendered for elems in pair]
         eos = [self.tokenizer.eos_token_id] if self.template.efficient_eos else []
         out: dict[str, list] = defaultdict(list)
         for i, _ in enumerate(valid):
