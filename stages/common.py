@@ -101,7 +101,14 @@ def run(main: Callable[[list[str]], None]) -> None:
     TUNEPIPE_DEBUG=1 shows tracebacks) inside the stage's MLflow child run when tracking is on."""
     from contextlib import nullcontext
 
+    from tunepipe import warm
     from tunepipe.errors import TunepipeError
+
+    module = getattr(sys.modules["__main__"], "__spec__", None)
+    if module is not None:  # `python -m stages.<name>`: a warm server (tunepipe run starts one) spares the imports
+        code = warm.run_in_server(module.name, sys.argv[1:])
+        if code is not None:
+            sys.exit(code)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

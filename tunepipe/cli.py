@@ -7,6 +7,7 @@ as one line on stderr with exit code 2; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -236,6 +237,24 @@ def _project(project: Path) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def _warm_start(root: Path):
+    """Start, while Prefect starts up, the warm server that imports torch & co. once for all stages and opens (a
+    fresh one: creates and migrates) the MLflow store (tunepipe/warm.py; TUNEPIPE_WARM=0 turns it off)."""
+    from tunepipe import tracking, warm
+
+    if os.getenv("TUNEPIPE_WARM") == "0":
+        yield
+        return
+    with warm.server({**os.environ, tracking.ENV_TRACKING_URI: tracking.tracking_uri(root)}) as address:
+        if address:
+            os.environ[warm.ENV] = address
+        try:
+            yield
+        finally:
+            os.environ.pop(warm.ENV, None)
+
+
 @app.command("run")
 def run_pipeline(
     force: Annotated[Optional[list[str]], typer.Option("--force", help="Rerun this stage even if DVC says it is "
@@ -248,9 +267,10 @@ def run_pipeline(
     from tunepipe.errors import TunepipeError
 
     root = _project(project)
-    from flows.pipeline import PipelineBusy, pipeline, status_line
+    with _warm_start(root):
+        from flows.pipeline import PipelineBusy, pipeline, status_line
 
-    state = pipeline(project_dir=str(root), force=force or [], wait=wait, return_state=True)
+        state = pipeline(project_dir=str(root), force=force or [], wait=wait, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, PipelineBusy):
         raise TunepipeError(str(result))

@@ -174,6 +174,22 @@ def ensure_store(uri: str) -> str:
         return experiment_id
 
 
+def prepare_for_fork() -> None:
+    """For a process that forks workers (tunepipe.warm): open the store named by MLFLOW_TRACKING_URI once —
+    created or migrated, SQLAlchemy mappers configured, MLflow's store objects cached — so a forked stage starts
+    tracking at once, then close every pooled connection: an SQLite connection must never be shared across fork."""
+    uri = os.environ.get(ENV_TRACKING_URI)
+    if not uri:
+        return
+    ensure_store(uri)
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for store_class in (TrackingStore, RegistryStore):
+        for engine in getattr(store_class, "_engine_map", {}).values():
+            engine.dispose()
+
+
 def connect(project_root: str | Path):
     """(MlflowClient, uri, experiment id) for a project, store ready."""
     uri = tracking_uri(project_root)

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -499,6 +500,7 @@ def train(run: Run) -> dict[str, Any]:
     resumed_step = 0
     if run.resume_from:
         resumed_step = int(Path(run.resume_from).name.rsplit("-", 1)[-1])
+    started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_metrics: dict[str, float] = {}
     if trainer.eval_dataset is not None:
@@ -507,6 +509,7 @@ def train(run: Run) -> dict[str, Any]:
             eval_metrics = {k: v for k, v in last_eval.items() if k.startswith("eval_")}
         else:
             eval_metrics = trainer.evaluate()
+    trainer_seconds = time.perf_counter() - started
 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     progress = run.progress
@@ -525,7 +528,8 @@ def train(run: Run) -> dict[str, Any]:
         "tokens_this_run": int(tokens),
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         "padding_fraction": round(1 - tokens / progress.totals["slots"], 4) if progress.totals["slots"] else None,
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 2),  # optimizer steps only: the basis of tokens_per_second
+        "trainer_seconds": round(trainer_seconds, 2),  # all of trainer.train() (+ the final evaluate)
         "resumed_from_step": resumed_step,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         **peak_memory_mb(),
