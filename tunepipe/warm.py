@@ -21,6 +21,7 @@ commands will get, so settings libraries read at import time (HF_HUB_OFFLINE, OM
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -102,8 +103,6 @@ def serve(path: str, setup: str | None, preload: Sequence[str]) -> None:
             getattr(__import__(module, fromlist=["_"]), function)()
         except Exception as err:
             print(f"warm: {setup} failed: {err}", file=sys.stderr)
-    import gc
-
     gc.collect()
     gc.freeze()  # children never walk (and so never copy) the preloaded objects in their collections
     children: set[int] = set()
