@@ -49,13 +49,9 @@ def local_lineage(root: Path, final_stage: str) -> dict[str, Any]:
 
 def read_metrics(path: Path) -> dict[str, Any]:
     from tunepipe.errors import ConfigError
+    from tunepipe.io import read_json
 
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("not found: run the evaluate stage first", file=str(path)) from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"invalid JSON at line {err.lineno}: {err.msg}", file=str(path)) from None
+    metrics = read_json(path, missing="not found: run the evaluate stage first")
     if not isinstance(metrics, dict):
         raise ConfigError("expected a JSON object of metric sections", file=str(path))
     return metrics

@@ -126,3 +126,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`tunepipe ARGS` in this process: (exit code, stdout, stderr)."""
+    from tunepipe.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tunepipe", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -3,12 +3,10 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, write_dataset
-from tunepipe.cli import main
+from tests.conftest import ROOT, cli, write_dataset
 
 TOKENIZER = str(ROOT / "bench" / "_tokenizers" / "bpe_plain")
 ALPACA = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(4)]
@@ -21,17 +19,6 @@ RANKING = {"formatting": "sharegpt", "ranking": True,
 TOOLS = {"formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}
 IMAGES = {"formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
           "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["tunepipe", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def export(tmp_path, name, stage="sft", *extra):

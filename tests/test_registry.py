@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 import tests.test_tracking as shared
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli
 from tunepipe import tracking
-from tunepipe.cli import main
 from tunepipe.config import Gate
 from tunepipe.tracking import Decision, RegistryError, decide_promotion
 
@@ -158,17 +157,6 @@ def test_list_versions_of_unknown_model_is_empty(project):
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["tunepipe", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_models_list_promote_rollback_cli(project, monkeypatch, capsys):
     register(project, 0.7)
     register(project, 0.6)

@@ -227,6 +227,9 @@ def test_log_metrics_file_flattens_numbers_only(project, tmp_path):
     assert client_for(project).get_run(run.info.run_id).data.metrics == logged
     with pytest.raises(ConfigError, match="not found"):
         tracking.log_metrics_file(tmp_path / "nope.json", run.info.run_id, project_root=project)
+    (tmp_path / "broken.json").write_text('{"final": {"reward_accuracy": 0.75,}}')
+    with pytest.raises(ConfigError, match=r"broken\.json.*invalid JSON at line 1: Expecting property name"):
+        tracking.log_metrics_file(tmp_path / "broken.json", run.info.run_id, project_root=project)
 
 
 def test_artifacts_land_under_the_project(project, tmp_path):

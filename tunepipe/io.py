@@ -38,6 +38,20 @@ def _umask() -> int:
     return mask
 
 
+def read_json(path: str | Path, *, missing: str):
+    """A JSON file's content; a missing file or broken JSON becomes a one-line ConfigError naming the file."""
+    import json
+
+    from tunepipe.errors import ConfigError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(missing, file=str(path)) from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"invalid JSON at line {err.lineno}: {err.msg}", file=str(path)) from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_open(path, "w") as handle:
         handle.write(text)

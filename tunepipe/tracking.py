@@ -276,13 +276,9 @@ def log_metrics(metrics: Mapping[str, Any], run_id: str | None = None, *, prefix
 def log_metrics_file(path: str | Path, run_id: str | None = None, *, prefix: str = "", step: int = 0,
                      project_root: str | Path | None = None) -> dict[str, float]:
     """Log a metrics JSON file (e.g. metrics/evaluate.json) flattened into metrics; returns what was logged."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("metrics file not found", file=str(path)) from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"invalid JSON at line {err.lineno}: {err.msg}", file=str(path)) from None
+    from tunepipe.io import read_json
+
+    data = read_json(path, missing="metrics file not found")
     return log_metrics(data if isinstance(data, Mapping) else {}, run_id, prefix=prefix, step=step,
                        project_root=project_root)
 
