@@ -593,7 +593,7 @@ def synthetic_digest() -> str:
 def tiny_model_dir(cache_dir: Path = CACHE) -> Path:
     """The embedded `tiny` model's directory (built deterministically on first use)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tunepipe.models import resolve_model_path
+    from tunepipe.models.tiny import resolve_model_path
 
     return Path(resolve_model_path("tiny", cache_dir=cache_dir))
 
@@ -673,8 +673,8 @@ def read_rows(path: Path) -> list[str]:
 
 def export_ours_inprocess(case: Case, dataset_dir: Path, tokenizer_path: Path) -> list[str]:
     """Our pipeline in this process, serialized exactly as `tunepipe data export` does (canonical JSON lines)."""
-    from tunepipe.data.prepare import DataArgs, prepare
-    from tunepipe.models import load_tokenizer
+    from tunepipe.data.features import DataArgs, prepare
+    from tunepipe.models.loading import load_tokenizer
 
     opts = dict(case.opts)
     args = DataArgs(dataset_dir=str(dataset_dir), template=case.template, cutoff_len=case.cutoff_len,
@@ -800,7 +800,7 @@ class Decoder:
     def __init__(self, case: Case, tokenizer_path: Path):
         self.tok = None
         try:
-            from tunepipe.models import load_tokenizer
+            from tunepipe.models.loading import load_tokenizer
 
             self.tok = load_tokenizer(str(tokenizer_path))
             try:

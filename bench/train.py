@@ -4,13 +4,13 @@
                                     [--model outputs/models/cpt] [--data outputs/data/sft]
                                     [--cutoff-len 512] [--eval-examples 64]
 
-Runs the real sft stage code (tunepipe.training: setup -> train) twice per repeat, `packing: false` then
+Runs the real sft stage code (tunepipe.train.recipe: setup -> train) twice per repeat, `packing: false` then
 `packing: true`, with params.yaml's sft hyper-parameters except max_steps = examples / batch size and no checkpoints.
 Two data sets:
 
     alpaca  (default when ../shared/data/llamafactory-demo exists) LLaMA-Factory's `alpaca_en_demo`, read in place
             from that folder (its dataset_info.json) and tokenized here, into a temporary directory, by the data
-            layer (tunepipe.data.prepare) with the tiny model's tokenizer, template qwen and --cutoff-len (data
+            layer (tunepipe.data.features) with the tiny model's tokenizer, template qwen and --cutoff-len (data
             cutoff_len of the runs too): the first examples + eval-examples rows, the last eval-examples of them
             held out (LF's val_size split, seeded). Realistic answer lengths: a wide length spread, much padding.
             The tiny model (`tiny`) is trained unless --model says otherwise.
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_variant(params, model: str, tokenizer: str, data: Path, out: Path, packing: bool, steps: int, batch: int):
-    from tunepipe import training
+    from tunepipe.train import recipe as training
 
     raw = params.model_dump(exclude_unset=False)
     raw["stages"]["sft"].update(packing=packing, max_steps=steps, per_device_train_batch_size=batch,
@@ -65,8 +65,8 @@ def prepare_alpaca(params, tokenizer: str, out: Path, *, examples: int, eval_exa
     """Tokenize alpaca_en_demo (sft, template qwen) into out/{train,eval}; returns the length statistics."""
     from datasets import Dataset
 
-    from tunepipe.data.prepare import DataArgs, prepare
-    from tunepipe.models import load_tokenizer
+    from tunepipe.data.features import DataArgs, prepare
+    from tunepipe.models.loading import load_tokenizer
 
     args = DataArgs(dataset_dir=str(SHARED_DEMO), template="qwen", cutoff_len=cutoff_len,
                     max_samples=examples + eval_examples, val_size=float(eval_examples), seed=params.data.seed)
@@ -107,7 +107,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {"padded": [], "packed": []}
     with tempfile.TemporaryDirectory(prefix="tunepipe-bench-") as tmp:
         if args.dataset == "alpaca":
-            from tunepipe.models import resolve_model_path
+            from tunepipe.models.tiny import resolve_model_path
 
             if not (SHARED_DEMO / "dataset_info.json").exists():
                 sys.exit(f"--dataset alpaca: no {SHARED_DEMO / 'dataset_info.json'}")

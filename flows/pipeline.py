@@ -3,11 +3,15 @@
 DVC owns the DAG and decides what is stale (content hashes of data, params and code; dvc.lock); this flow only
 knows stage names, which it reads from dvc.yaml through DVC's own index. Prefect adds what DVC lacks: retries,
 per-stage logs and timings, artifacts (stage table, metrics, registry decision), schedules and work pools.
-MLflow gets one parent run per execution; each stage process opens its child run under it (TUNEPIPE_PARENT_RUN_ID)
-and the flow tags it with the stage's DVC hashes from dvc.lock afterwards.
+MLflow gets one parent run per execution (flows/pipeline_runs.py); each stage process opens its child run under it
+(TUNEPIPE_PARENT_RUN_ID) and the flow tags it with the stage's DVC hashes from dvc.lock afterwards.
+
+Before anything runs, dvc.yaml is regenerated from params.yaml and the code (stages/dag.py): the one place this flow
+imports from stages/. The stages themselves it knows only by the names in dvc.yaml.
 
     tunepipe run [--force STAGE ...] [--json]      # ephemeral Prefect, nothing to start
     tunepipe serve --cron "0 2 * * *"               # a local Prefect server + a scheduled deployment
+    prefect deploy / a worker                        # prefect.yaml: entrypoint flows/pipeline.py:pipeline
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
+from flows import pipeline_runs
+from stages import dag
+from stages.common import dvc_lock_hashes
+from tunepipe.errors import PipelineBusy
+from tunepipe.tracking import registry, store
+
 RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
 LOCK_FILE = "outputs/.pipeline.lock"
-
-
-class PipelineBusy(RuntimeError):
-    """Another pipeline run holds this project's lock."""
 
 
 @contextmanager
@@ -82,30 +88,12 @@ def up_to_date(status: subprocess.Popen) -> bool:
 
 
 def _stage_env(root: Path, parent_run_id: str | None, lineage: dict[str, Any]) -> dict[str, str]:
-    from tunepipe import tracking
-
     env = dict(os.environ)
     # DVC runs `python -m stages.*` through the shell: make that `python` this interpreter (the project's venv)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(root)
     env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")
-    if parent_run_id:
-        env[tracking.PARENT_RUN_ENV] = parent_run_id
-    env[tracking.LINEAGE_ENV] = json.dumps(lineage)
+    env.update(pipeline_runs.stage_env(root, parent_run_id, lineage))
     return env
-
-
-@contextmanager
-def _warm_server(env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """The stage environment, pointed at a warm server (tunepipe/warm.py) that has torch & co. imported, so each
-    stage process DVC starts skips ~6 s of imports. TUNEPIPE_WARM=0 turns it off."""
-    from tunepipe import warm
-
-    if env.get("TUNEPIPE_WARM") == "0" or env.get(warm.ENV):  # off, or the caller started one (tunepipe run)
-        yield env
-        return
-    with warm.server(env) as address:
-        yield {**env, warm.ENV: address} if address else env
 
 
 def _transient(task, task_run, state) -> bool:
@@ -148,21 +136,6 @@ def _git_commit(root: Path) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def _lock_hashes(root: Path, stage: str) -> dict[str, str]:
-    """deps/outs md5 of a stage from dvc.lock: the lineage tags of its MLflow run."""
-    import yaml
-
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return {}
-    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
-    hashes = {}
-    for kind in ("deps", "outs"):
-        for item in entry.get(kind, []):
-            hashes[f"dvc.{kind}.{item['path']}"] = item.get("md5", "")
-    return hashes
-
-
 def _summary_markdown(results: list[dict[str, Any]], decision: dict[str, Any] | None) -> str:
     lines = ["| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['name']} | {r['status']} | {r['seconds']} |" for r in results]
@@ -176,9 +149,6 @@ def _summary_markdown(results: list[dict[str, Any]], decision: dict[str, Any] | 
 @flow(name="tunepipe-pipeline", log_prints=True)
 def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool = False) -> dict[str, Any]:
     """Run the project's DVC pipeline stage by stage. Returns {"stages": [...], "model": {...} | None}."""
-    from stages import dag
-    from tunepipe import tracking
-
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     force = list(force or [])
@@ -190,10 +160,10 @@ def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool 
             unknown = [s for s in force if s not in order]
             if unknown:
                 raise ValueError(f"unknown stage(s) to force: {', '.join(unknown)}; stages: {', '.join(order)}")
-            uri = tracking.tracking_uri(root)
-            tracking.ensure_store(uri)
+            store.ensure_store(store.tracking_uri(root))
             commit = _git_commit(root)
-            parent = tracking.start_pipeline_run(root, tags={"git_commit": commit or "", "forced": ",".join(force)})
+            parent = pipeline_runs.start_pipeline_run(root, tags={"git_commit": commit or "",
+                                                                  "forced": ",".join(force)})
             env = _stage_env(root, parent, {"git_commit": commit})
             stale = bool(force) or not up_to_date(status)
 
@@ -202,24 +172,24 @@ def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool 
             logger.info("dvc status: everything is up to date, nothing to run")
             results = [{"name": name, "status": SKIPPED, "seconds": 0.0} for name in order]
         else:
-            with _warm_server(env) as env:
-                for name in order:
-                    try:
-                        result = run_stage(str(root), name, name in force, env)
-                    except Exception as err:
-                        results.append({"name": name, "status": FAILED, "seconds": 0.0, "error": str(err)})
-                        results += [{"name": n, "status": SKIPPED, "seconds": 0.0} for n in order[len(results):]]
-                        break
-                    results.append(result)
-                    if result["status"] == RAN:
-                        tracking.tag_stage_run(parent, name, _lock_hashes(root, name))
+            for name in order:
+                try:
+                    result = run_stage(str(root), name, name in force, env)
+                except Exception as err:
+                    results.append({"name": name, "status": FAILED, "seconds": 0.0, "error": str(err)})
+                    results += [{"name": n, "status": SKIPPED, "seconds": 0.0} for n in order[len(results):]]
+                    break
+                results.append(result)
+                if result["status"] == RAN:
+                    hashes = dvc_lock_hashes(root).get(name, {})
+                    pipeline_runs.tag_stage_run(parent, name, {f"dvc.{path}": md5 for path, md5 in hashes.items()})
 
         failed = [r for r in results if r["status"] == FAILED]
         decision = None
         register = root / "metrics" / "register.json"
         if not failed and register.exists():
             decision = json.loads(register.read_text())
-        tracking.finish_pipeline_run(parent, results, failed=bool(failed))
+        pipeline_runs.finish_pipeline_run(parent, results, failed=bool(failed))
         create_table_artifact(key="stage-results", table=[{k: r[k] for k in ("name", "status", "seconds")}
                                                           for r in results], description="tunepipe stages")
         evaluate = root / "metrics" / "evaluate.json"
@@ -231,7 +201,7 @@ def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool 
         model = None
         if decision:
             model = {"name": decision.get("name"), "version": decision.get("version"),
-                     "aliases": tracking.current_aliases(root, decision.get("name"), decision.get("version"))}
+                     "aliases": registry.current_aliases(root, decision.get("name"), decision.get("version"))}
         return {"stages": results, "model": model}
 
 

@@ -16,18 +16,18 @@ from stages import common
 
 def main(argv: list[str]) -> None:
     from tunepipe.io import atomic_dir
-    from tunepipe.models import TINY, build_tiny_model
+    from tunepipe.models.tiny import TINY, build_tiny_model
 
-    params = common.params()
-    model = params.model
+    spec = common.inputs("base")
+    common.work_begins("base")
     with atomic_dir(common.base_model_dir()) as tmp:
-        if model.model_name_or_path == TINY:
-            build_tiny_model(tmp, seed=model.tiny_seed)
+        if spec.model_name_or_path == TINY:
+            build_tiny_model(tmp, seed=spec.tiny_seed)
         else:
-            (tmp / "base_model.json").write_text(json.dumps({"model_name_or_path": model.model_name_or_path},
+            (tmp / "base_model.json").write_text(json.dumps({"model_name_or_path": spec.model_name_or_path},
                                                             indent=2) + "\n")
-    print(f"base model: {model.model_name_or_path} -> {common.base_model_dir()}")
+    print(f"base model: {spec.model_name_or_path} -> {common.base_model_dir()}")
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, common.no_argument("base"))

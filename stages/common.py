@@ -1,7 +1,10 @@
-"""What every stage shares: the output layout, params.yaml, logging and the one-line error exit.
+"""What every stage shares: the output layout, its section of the plan, the error exit and its MLflow run.
 
-The layout is the contract between dvc.yaml and the stages (the flow knows it only through dvc.yaml):
+Stages run from the project root (DVC starts them there) and use paths relative to it, so nothing they write
+depends on where the project lives. The layout is the contract between dvc.yaml and the stages (the flow knows it
+only through dvc.yaml):
 
+    outputs/params.yaml             the plan: every stage's effective values (stages/params.py writes it)
     outputs/models/base/            the base model (built when model_name_or_path is `tiny`, else a reference)
     outputs/data/<stage>/           tokenized train/ and eval/ datasets (Arrow) + health.json
     outputs/adapters/<stage>/       the trained LoRA adapter (or full weights with finetuning_type: full)
@@ -15,15 +18,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from tunepipe.config import Params, load_params
-
-ROOT = Path(os.environ.get("DVC_ROOT") or Path.cwd())
+ROOT = Path(".")
 OUTPUTS = ROOT / "outputs"
 METRICS = ROOT / "metrics"
 PLOTS = ROOT / "plots"
+PLAN = OUTPUTS / "params.yaml"
+
+log = logging.getLogger("stages")
+_TRACKED = {"on": False}  # whether this process opened a stage run (set by `run`)
 
 
 def base_model_dir() -> Path:
@@ -46,30 +53,61 @@ def model_dir(stage: str) -> Path:
     return OUTPUTS / "models" / stage
 
 
-def base_model_path(params: Params) -> str:
-    """The base model: outputs/models/base when the base stage built it (tiny), the reference it recorded (a hub
-    id or local path), or, when a stage is run by hand before the base stage, the resolved params value."""
+def metrics_file(step: str, stage: str | None = None) -> Path:
+    """metrics/<file>.json of a pipeline step: data_<stage> (prepare), train_<stage>, merge_<stage>, evaluate, ..."""
+    name = {"prepare": "data"}.get(step, step)
+    return METRICS / (f"{name}_{stage}.json" if stage else f"{name}.json")
+
+
+def base_model_path() -> str:
+    """The base model: outputs/models/base when the base stage built it (tiny), else the hub id or local path it
+    recorded in base_model.json."""
     import json
 
-    from tunepipe.models import resolve_model_path
+    from tunepipe.errors import ConfigError
 
     base = base_model_dir()
     if (base / "config.json").exists():
         return str(base)
     if (base / "base_model.json").exists():
         return json.loads((base / "base_model.json").read_text())["model_name_or_path"]
-    return resolve_model_path(params.model.model_name_or_path, cache_dir=OUTPUTS / "cache",
-                              seed=params.model.tiny_seed)
+    raise ConfigError(f"no base model in {base}: run the base stage first (`dvc repro base`)")
 
 
-def input_model_path(params: Params, stage: str) -> str:
+def input_model_path(previous: str | None) -> str:
     """The model a stage starts from: the previous enabled stage's merged model, else the base model."""
-    previous = params.previous_stage(stage)
-    return str(model_dir(previous)) if previous else base_model_path(params)
+    return str(model_dir(previous)) if previous else base_model_path()
 
 
-def params() -> Params:
-    return load_params(ROOT / "params.yaml")
+def inputs(name: str):
+    """This step's section of the plan (tunepipe.plan): the only values from params.yaml a stage reads."""
+    import yaml
+
+    from tunepipe.errors import ConfigError
+    from tunepipe.plan import read_section
+
+    try:
+        document = yaml.safe_load(PLAN.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError("not found: run the params stage first (`dvc repro params`, or `tunepipe run`)",
+                          file=str(PLAN)) from None
+    return read_section(document, name)
+
+
+def dvc_lock_hashes(root: Path = ROOT) -> dict[str, dict[str, str]]:
+    """{stage: {path: md5}} of every dep and out in dvc.lock ({} before the first run): lineage for MLflow."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return {}
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    hashes: dict[str, dict[str, str]] = {}
+    for name, entry in stages.items():
+        for item in (entry.get("deps") or []) + (entry.get("outs") or []):
+            if isinstance(item, dict) and item.get("path") and item.get("md5"):
+                hashes.setdefault(name, {})[item["path"]] = item["md5"]
+    return hashes
 
 
 def tracking_enabled() -> bool:
@@ -81,54 +119,95 @@ def tracking_enabled() -> bool:
                 or (ROOT / "mlflow.db").exists())
 
 
-def log_stage_outputs(stage: str, name: str) -> None:
-    """Attach what the stage wrote to its MLflow run: its metrics files as metrics, reports and plots as files."""
-    from tunepipe import tracking
+def _log_outputs(name: str) -> None:
+    """Attach what THIS step wrote to its MLflow run: its own metrics file, its plots and reports."""
+    from tunepipe.tracking import runs
 
-    key = name.split("@")[-1]
-    for path in sorted(METRICS.glob("*.json")):
-        if path.stem.endswith(f"_{key}") or path.stem == stage:
-            tracking.log_metrics_file(path, prefix=f"{path.stem}.")
-            tracking.log_artifact_file(path, "metrics")
-    for path in sorted(PLOTS.glob(f"*_{key}.*")):
-        tracking.log_artifact_file(path, "plots")
-    if stage == "prepare" and (data_dir(key) / "health.json").exists():
-        tracking.log_artifact_file(data_dir(key) / "health.json", "data")
+    step, _, stage = name.partition("-")
+    metrics = metrics_file(step, stage or None)
+    if metrics.exists():
+        runs.log_metrics_file(metrics, prefix=f"{metrics.stem}.")
+        runs.log_artifact_file(metrics, "metrics")
+    if step == "train":
+        for path in sorted(PLOTS.glob(f"loss_{stage}.*")):
+            runs.log_artifact_file(path, "plots")
+    if step == "prepare" and (data_dir(stage) / "health.json").exists():
+        runs.log_artifact_file(data_dir(stage) / "health.json", "data")
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def _process_age() -> float:
+    """Seconds since this process started (interpreter start-up included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def work_begins(name: str) -> float:
+    """Call where a stage's useful work begins (its libraries imported, its run open): logs the start-up time."""
+    seconds = _process_age()
+    log.info("[%s] start-up %.1f s (interpreter, imports, tracking)", name, seconds)
+    if _TRACKED["on"]:
+        from tunepipe.tracking import runs
+
+        runs.log_metrics({"startup_seconds": round(seconds, 2)})
+    return seconds
+
+
+def run(main: Callable[[list[str]], Any], name: Callable[[list[str]], str], *, track: bool = True) -> None:
     """Run a stage's main with the CLI's error policy (user errors are one line and exit 2; `--debug` or
-    TUNEPIPE_DEBUG=1 shows tracebacks) inside the stage's MLflow child run when tracking is on."""
+    TUNEPIPE_DEBUG=1 shows tracebacks) inside the stage's MLflow child run when tracking is on.
+
+    `name(argv)` gives the pipeline step name (`train-sft`): the plan section, the MLflow run name. `track=False`
+    for bookkeeping steps that produce nothing worth a run (the plan)."""
     from contextlib import nullcontext
 
-    from tunepipe import warm
     from tunepipe.errors import TunepipeError
-
-    module = getattr(sys.modules["__main__"], "__spec__", None)
-    if module is not None:  # `python -m stages.<name>`: a warm server (tunepipe run starts one) spares the imports
-        code = warm.run_in_server(module.name, sys.argv[1:])
-        if code is not None:
-            sys.exit(code)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = [a for a in sys.argv[1:] if a != "--debug"]
     debug = "--debug" in sys.argv[1:] or os.getenv("TUNEPIPE_DEBUG") == "1"
-    stage = Path(sys.argv[0]).stem if sys.argv[0] else "stage"
-    name = os.getenv("DVC_STAGE") or "@".join([stage, *argv[:1]])
     try:
-        if tracking_enabled():
-            from tunepipe import tracking
+        step = name(argv)
+        if not (ROOT / "params.yaml").is_file():
+            raise TunepipeError(f"no params.yaml in {Path.cwd()}: run stages from the project root")
+        tracked = _TRACKED["on"] = track and tracking_enabled()
+        if tracked:
+            from tunepipe.tracking import runs
 
-            context = tracking.stage_run(ROOT, name)
+            context = runs.stage_run(ROOT, step)
         else:
             context = nullcontext()
         with context:
             main(argv)
-            if tracking_enabled():
-                log_stage_outputs(stage, name)
+            if tracked:
+                _log_outputs(step)
     except TunepipeError as err:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+
+
+def stage_argument(command: str, choices: tuple[str, ...]) -> Callable[[list[str]], str]:
+    """`name` for `run`: the one argument of `python -m stages.<command> <stage>` -> `<command>-<stage>`."""
+
+    def name(argv: list[str]) -> str:
+        from tunepipe.errors import ConfigError
+
+        if len(argv) != 1 or argv[0] not in choices:
+            raise ConfigError(f"usage: python -m stages.{command} {{{','.join(choices)}}}")
+        return f"{command}-{argv[0]}"
+
+    return name
+
+
+def no_argument(command: str) -> Callable[[list[str]], str]:
+    def name(argv: list[str]) -> str:
+        from tunepipe.errors import ConfigError
+
+        if argv:
+            raise ConfigError(f"usage: python -m stages.{command} (unexpected arguments: {' '.join(argv)})")
+        return command
+
+    return name

@@ -1,186 +1,196 @@
-"""dvc.yaml from params.yaml: the stage DAG for the stages that are switched on.
+"""dvc.yaml from params.yaml: one concrete DVC stage per pipeline step, every dependency exact.
 
-    python -m stages.dag          # rewrite dvc.yaml if it is out of date (prints what changed)
-    python -m stages.dag --check  # exit 1 if dvc.yaml does not match params.yaml
+    python -m stages.dag          # rewrite dvc.yaml if it is out of date
+    python -m stages.dag --check  # exit 1 if dvc.yaml does not match params.yaml and the code
 
-Which stages exist, and what each stage's input model is, follows from `stages.<name>.enabled` in params.yaml: a
-switched-off stage disappears and the next stage depends on the last enabled stage's merged model. Writing that as
-`foreach` dictionaries keeps dvc.yaml short and readable, and `dvc repro` alone runs the chain correctly. The
-prepare stages depend on exactly the files of their own datasets, so new DPO data reruns only the DPO branch.
+The steps and their order come from the plan (tunepipe.plan): a switched-off stage disappears and the next stage
+depends on the last enabled stage's merged model. Each step depends on
 
-Cache choice (see docs/pipeline.md): adapters, tokenized data and the base model are cached by DVC (small, or
-expensive to rebuild); merged models are `cache: false` — they are rebuilt from base + adapters in seconds, and a
-merged 7B model would otherwise exist three times (workspace, DVC cache, MLflow registry).
+- its values: its own section of outputs/params.yaml (written by the `params` step), so a changed value reruns
+  exactly the steps that read it, and nothing else;
+- its code: the project modules its stage module imports, directly or not (found by grimp, the import-graph
+  library behind import-linter), so the list cannot fall behind the code. Left out: tunepipe.config and
+  tunepipe.plan, whose whole effect is the values above, and, except for register, tunepipe.tracking, which
+  writes only to MLflow, never to a versioned output;
+- its data: the files of its own datasets (resolved through dataset_info.json) and the outputs of earlier steps.
+
+Rerun this generator (tunepipe run does) when the enabled stages, the datasets of a stage or the imports change.
+Cache choice (docs/pipeline.md): adapters, tokenized data and the base model are cached by DVC; merged models are
+`cache: false` - they are rebuilt from base + adapters in seconds, and a merged 7B model would otherwise exist three
+times (workspace, DVC cache, MLflow registry).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from stages import common
 
-DATA_CODE = ["tunepipe/data"]
-TRAIN_CODE = ["stages/train.py", "tunepipe/training.py", "tunepipe/trainers.py", "tunepipe/callbacks.py",
-              "tunepipe/models.py", "tunepipe/data/templates.py"]
-MERGE_CODE = ["stages/merge.py", "tunepipe/merging.py", "tunepipe/data"]
-EVAL_CODE = ["stages/evaluate.py", "tunepipe/evaluation.py", "tunepipe/metrics.py", "tunepipe/data"]
-REGISTER_CODE = ["stages/register.py", "tunepipe/tracking.py"]
 HEADER = ("# Generated from params.yaml by `python -m stages.dag` (tunepipe run does it for you): edit params.yaml,\n"
-          "# not this file. One chain of stages per enabled stage; see docs/pipeline.md.\n")
+          "# not this file. One stage per pipeline step; see docs/pipeline.md.\n")
+PLAN = str(common.PLAN)
+# Modules whose effect on a stage is entirely the plan's values (declared as params, compared by DVC).
+VALUES_ONLY = ("tunepipe.config", "tunepipe.plan")
+TRACKING = "tunepipe.tracking"
+TINY_CORPUS = "tunepipe/assets/tiny_corpus.jsonl"
 
 
-def dataset_files(root: Path, params, names: list[str]) -> list[str]:
-    """The local files behind dataset names (relative to the project root), for precise DVC deps."""
+class CodeGraph:
+    """The project's import graph (tunepipe + stages), built once per generation."""
+
+    def __init__(self, root: Path):
+        import grimp
+
+        self.root = root
+        added = str(root) not in sys.path
+        if added:
+            sys.path.insert(0, str(root))
+        try:
+            self.graph = grimp.build_graph("tunepipe", "stages", include_external_packages=False, cache_dir=None)
+        finally:
+            if added:
+                sys.path.remove(str(root))
+
+    def files(self, module: str, *, tracking: bool = False, values: bool = False) -> list[str]:
+        """The source files `module` runs: itself, every project module it imports, directly or not, and their
+        packages' __init__ files. Not followed: the values-only modules (unless `values`) and tracking (unless
+        `tracking`); what they import is theirs."""
+        def counts(m: str) -> bool:
+            return (values or not m.startswith(VALUES_ONLY)) and (tracking or not m.startswith(TRACKING))
+
+        seen, todo = {module}, [module]
+        while todo:
+            for imported in self.graph.find_modules_directly_imported_by(todo.pop()):
+                if imported not in seen and counts(imported):
+                    seen.add(imported)
+                    todo.append(imported)
+        packages = {".".join(m.split(".")[:i]) for m in seen for i in range(1, m.count(".") + 1)}
+        return [self._path(m) for m in sorted(seen | packages)]
+
+    def _path(self, module: str) -> str:
+        base = self.root.joinpath(*module.split("."))
+        path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        return path.relative_to(self.root).as_posix()
+
+
+def _relative(root: Path, path: Path) -> str:
+    """A dependency path as DVC should see it: relative to the project when inside it, else absolute."""
+    path = path.resolve()
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def dataset_files(root: Path, dataset_dir: str, names: list[str]) -> list[str]:
+    """The local files behind dataset names, for precise DVC deps (hub datasets have none)."""
     from tunepipe.data.registry import get_dataset_attrs, split_names
 
-    dataset_dir = root / params.data.dataset_dir
+    folder = root / dataset_dir
     files = []
-    for attr in get_dataset_attrs(split_names(",".join(names)), dataset_dir):
+    for attr in get_dataset_attrs(split_names(",".join(n for n in names if n)), str(folder)):
         if attr.load_from in ("file", "script"):
-            path = (dataset_dir / attr.dataset_name).resolve()
-            files.append(str(path.relative_to(root.resolve())))
+            files.append(_relative(root, folder / attr.dataset_name))
     return sorted(set(files))
 
 
-def build(root: Path, params, raw: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The dvc.yaml document for `params`. `raw` is params.yaml as written: DVC fails on a declared parameter that
-    the file does not contain, so sections left to their defaults are not declared (the code deps cover them)."""
-    from tunepipe.models import TINY
+def build(root: Path, params) -> dict[str, Any]:
+    """The dvc.yaml document for `params`."""
+    from tunepipe.config import TINY
+    from tunepipe.plan import plan
 
-    enabled = params.enabled_stages()
-    data_dir = params.data.dataset_dir
-    base_deps = ["stages/base.py", "tunepipe/models.py"]
-    if params.model.model_name_or_path == TINY:  # its tokenizer is trained on this frozen corpus
-        base_deps.append("tunepipe/assets/tiny_corpus.jsonl")
+    steps = plan(params)
+    code = CodeGraph(root)
+    info = _relative(root, root / params.data.dataset_dir / "dataset_info.json")
+    base = "outputs/models/base"
 
-    def input_of(stage: str) -> str:
-        previous = params.previous_stage(stage)
-        return f"outputs/models/{previous}" if previous else "outputs/models/base"
+    def values(name: str) -> list[dict[str, list[str]]]:
+        return [{PLAN: [name]}]
 
-    files = {}
-    train, merge = {}, {}
-    for stage in enabled:
+    def model_of(previous: str | None) -> str:
+        return f"outputs/models/{previous}" if previous else base
+
+    def data_files(stage: str) -> list[str]:
         s = params.stage(stage)
-        files[stage] = dataset_files(root, params, [n for n in (s.dataset, s.eval_dataset) if n]) or [
-            f"{data_dir}/dataset_info.json"]  # hub datasets: nothing local to watch
-        train[stage] = {"input": input_of(stage)}
-        merge[stage] = {"input": input_of(stage)}
-    # DVC cannot interpolate a list into deps, so each stage's data files fill numbered slots; stages with fewer
-    # files repeat their first one (DVC accepts a repeated dep).
-    slots = max(len(paths) for paths in files.values())
-    prepare = {stage: {f"data{i}": (paths[i] if i < len(paths) else paths[0]) for i in range(slots)}
-               for stage, paths in files.items()}
-    for stage in enabled:  # merge checks the chat template on the stage's own conversations
-        merge[stage].update(prepare[stage])
-    data_slots = [f"${{item.data{i}}}" for i in range(slots)]
-    pref = [s for s in enabled if s in ("dpo", "kto")]
+        return [info, *dataset_files(root, params.data.dataset_dir, [s.dataset, s.eval_dataset])]
 
-    final = enabled[-1]
-    raw = raw if raw is not None else {}
-
-    def present(*keys: str) -> list[str]:
-        def found(key: str) -> bool:
-            if "${key}" in key:  # foreach: must exist for every enabled stage
-                return all(found(key.replace("${key}", stage)) for stage in enabled)
-            node: Any = raw
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            return node is not None
-
-        return [key for key in keys if found(key)]
-
-    document = {
-        "stages": {
-            "base": {
-                "cmd": "python -m stages.base",
-                "params": present("model"),
-                "deps": base_deps,
-                "outs": ["outputs/models/base"],
-            },
-            "prepare": {
-                "foreach": prepare,
-                "do": {
-                    "cmd": "python -m stages.prepare ${key}",
-                    "params": present("model", "data", "stages.${key}", "train.packing"),
-                    "deps": ["stages/prepare.py", *DATA_CODE, f"{data_dir}/dataset_info.json", "outputs/models/base",
-                             *data_slots],
-                    "outs": ["outputs/data/${key}"],
-                    "metrics": [{"metrics/data_${key}.json": {"cache": False}}],
-                },
-            },
-            "train": {
-                "foreach": train,
-                "do": {
-                    "cmd": "python -m stages.train ${key}",
-                    "params": present("model", "lora", "train", "stages.${key}"),
-                    "deps": [*TRAIN_CODE, "outputs/data/${key}", "outputs/models/base", "${item.input}"],
-                    "outs": ["outputs/adapters/${key}"],
-                    "metrics": [{"metrics/train_${key}.json": {"cache": False}}],
-                    "plots": [{"plots/loss_${key}.csv": {"cache": False, "x": "step", "y": "loss"}},
-                              {"plots/loss_${key}.png": {"cache": False}}],
-                },
-            },
-            "merge": {
-                "foreach": merge,
-                "do": {
-                    "cmd": "python -m stages.merge ${key}",
-                    "params": present("model", "data", "lora", "stages.${key}", "evaluate"),
-                    "deps": [*MERGE_CODE, f"{data_dir}/dataset_info.json", "outputs/adapters/${key}",
-                             "${item.input}", *data_slots],
-                    "outs": [{"outputs/models/${key}": {"cache": False}}],
-                    "metrics": [{"metrics/merge_${key}.json": {"cache": False}}],
-                },
-            },
-            "evaluate": {
-                "cmd": "python -m stages.evaluate",
-                "params": present("evaluate", "model", "data", "train", *[f"stages.{s}" for s in ("sft", *pref)
-                                                                          if s in enabled]),
-                "deps": [*EVAL_CODE, f"{data_dir}/dataset_info.json", "outputs/models/base",
-                         *[f"outputs/models/{s}" for s in enabled], *[f"outputs/data/{s}" for s in enabled],
-                         *(files["sft"] if "sft" in enabled else [])],
+    stages: dict[str, Any] = {
+        "params": {"cmd": "python -m stages.params", "deps": ["params.yaml", *code.files("stages.params", values=True)],
+                   "outs": [PLAN]},
+    }
+    base_deps = code.files("stages.base")
+    if params.model.model_name_or_path == TINY:  # its tokenizer is trained on this frozen corpus
+        base_deps.append(TINY_CORPUS)
+    stages["base"] = {"cmd": "python -m stages.base", "params": values("base"), "deps": base_deps, "outs": [base]}
+    for name, spec in steps.items():
+        step, _, stage = name.partition("-")
+        if step == "prepare":
+            stages[name] = {
+                "cmd": f"python -m stages.prepare {stage}", "params": values(name),
+                "deps": [*code.files("stages.prepare"), *data_files(stage), base],
+                "outs": [f"outputs/data/{stage}"],
+                "metrics": [{f"metrics/data_{stage}.json": {"cache": False}}],
+            }
+        elif step == "train":
+            stages[name] = {
+                "cmd": f"python -m stages.train {stage}", "params": values(name),
+                "deps": [*code.files("stages.train"), f"outputs/data/{stage}", base, model_of(spec.previous)],
+                "outs": [f"outputs/adapters/{stage}"],
+                "metrics": [{f"metrics/train_{stage}.json": {"cache": False}}],
+                "plots": [{f"plots/loss_{stage}.csv": {"cache": False, "x": "step", "y": "loss"}},
+                          {f"plots/loss_{stage}.png": {"cache": False}}],
+            }
+        elif step == "merge":
+            chat = data_files(stage) if spec.dataset else []  # the template round trip reads these conversations
+            stages[name] = {
+                "cmd": f"python -m stages.merge {stage}", "params": values(name),
+                "deps": [*code.files("stages.merge"), f"outputs/adapters/{stage}", base, model_of(spec.previous),
+                         *chat],
+                "outs": [{f"outputs/models/{stage}": {"cache": False}}],
+                "metrics": [{f"metrics/merge_{stage}.json": {"cache": False}}],
+            }
+        elif step == "evaluate":
+            enabled = list(spec.stages)
+            stages[name] = {
+                "cmd": "python -m stages.evaluate", "params": values(name),
+                "deps": [*code.files("stages.evaluate"), base, *[f"outputs/models/{s}" for s in enabled],
+                         *[f"outputs/data/{s}" for s in enabled], *(data_files("sft") if spec.sft else [])],
                 "metrics": [{"metrics/evaluate.json": {"cache": False}}],
                 "outs": [{"metrics/samples.json": {"cache": False}}],
-            },
-            "register": {
-                "cmd": "python -m stages.register",
-                "params": present("registry"),
-                "deps": [*REGISTER_CODE, "metrics/evaluate.json", f"outputs/models/{final}"],
+            }
+        elif step == "register":
+            stages[name] = {
+                "cmd": "python -m stages.register", "params": values(name),
+                "deps": [*code.files("stages.register", tracking=True), "metrics/evaluate.json",
+                         f"outputs/models/{spec.final_stage}"],
                 "metrics": [{"metrics/register.json": {"cache": False}}],
-            },
-        }
-    }
-    for stage in document["stages"].values():  # an empty params list is not valid DVC
-        body = stage.get("do", stage)
-        if not body.get("params"):
-            body.pop("params", None)
-    return document
+            }
+    for body in stages.values():  # a path listed twice (e.g. a dataset used for train and eval) once
+        body["deps"] = list(dict.fromkeys(body["deps"]))
+    return {"stages": stages}
 
 
-def render(root: Path, params, raw: dict[str, Any]) -> str:
+def render(root: Path, params) -> str:
     import yaml
 
     class Dumper(yaml.SafeDumper):
         pass
 
-    # block lists everywhere: DVC cannot interpolate ${...} inside flow-style lists next to a '/'
     Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=False))
-    return HEADER + yaml.dump(build(root, params, raw), Dumper=Dumper, sort_keys=False, width=120)
+    return HEADER + yaml.dump(build(root, params), Dumper=Dumper, sort_keys=False, width=120)
 
 
 def sync(root: Path | None = None, *, check: bool = False) -> bool:
-    """Rewrite dvc.yaml if it differs from what params.yaml implies; True if it was (or would be) changed."""
+    """Regenerate dvc.yaml from params.yaml and the code; True if it changed (or, with check, would change)."""
+    from tunepipe.config import load_params
     from tunepipe.io import atomic_write_text
 
-    import yaml
-
-    from tunepipe.config import load_params
-
-    root = root or common.ROOT
+    root = Path(root) if root is not None else Path.cwd()
     path = root / "dvc.yaml"
-    raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    text = render(root, load_params(root / "params.yaml"), raw)
+    text = render(root, load_params(root / "params.yaml"))
     current = path.read_text() if path.exists() else None
     if current == text:
         return False
@@ -200,4 +210,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    os.environ.setdefault("TUNEPIPE_TRACKING", "0")  # generating the graph is not a pipeline step
+    common.run(main, lambda argv: "dag", track=False)

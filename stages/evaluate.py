@@ -20,21 +20,6 @@ from stages import common
 log = logging.getLogger("stages.evaluate")
 
 
-def sft_data_args(params):
-    """prepare@sft's data options (same mapping as stages/prepare.py), for the unsupervised prompt set."""
-    from tunepipe.data.prepare import DataArgs
-
-    stage, train, d = params.stage("sft"), params.stage_train("sft"), params.data
-    return DataArgs(dataset_dir=str(common.ROOT / d.dataset_dir), template=params.model.template,
-                    cutoff_len=d.cutoff_len, packing=False, neat_packing=stage.neat_packing,
-                    train_on_prompt=stage.train_on_prompt, mask_history=stage.mask_history,
-                    max_samples=d.max_samples, mix_strategy=d.mix_strategy,
-                    val_size=d.val_size if not stage.eval_dataset else 0.0, seed=d.seed,
-                    preprocessing_batch_size=d.preprocessing_batch_size, tool_format=d.tool_format,
-                    default_system=d.default_system, allow_scripts=d.allow_scripts, skip_bad_rows=d.skip_bad_rows,
-                    overlength=d.overlength)
-
-
 def load_eval(stage: str, limit: int) -> dict | None:
     from datasets import load_from_disk
 
@@ -50,56 +35,53 @@ def load_eval(stage: str, limit: int) -> dict | None:
 
 
 def main(argv: list[str]) -> None:
-    from tunepipe.data.prepare import load_template, prepare
+    from transformers.utils import logging as hf_logging
+
+    from tunepipe.data.features import DataArgs, load_template, prepare
     from tunepipe.errors import ConfigError
     from tunepipe.evaluation import EvalData, EvalSettings, cap, evaluate, load_model
     from tunepipe.io import atomic_write_text
-    from tunepipe.models import load_tokenizer
-    from transformers.utils import logging as hf_logging
+    from tunepipe.models.loading import load_tokenizer
 
-    if argv:
-        raise ConfigError("usage: python -m stages.evaluate")
+    spec = common.inputs("evaluate")
     hf_logging.disable_progress_bar()  # "Loading weights" bars for every model
-    params = common.params()
-    stages = params.enabled_stages()
-    limit = params.evaluate.max_eval_samples
-    trust = params.model.trust_remote_code
-    base = common.base_model_path(params)
+    limit = spec.evaluate.max_eval_samples
+    trust = spec.trust_remote_code
+    common.work_begins("evaluate")
+    base = common.base_model_path()
     tokenizer = load_tokenizer(base, trust_remote_code=trust)
-    args = sft_data_args(params)
-    template = load_template(args, tokenizer, stage="sft")  # the training tokenizer: EOS replaced, pad set
+    template = load_template(DataArgs(**spec.template), tokenizer, stage="sft")  # EOS replaced, pad set
+    sft = spec.sft
+    args = DataArgs(**sft.data) if sft else None
 
     models = {"base": base}
-    for stage in stages:
+    for stage in spec.stages:
         path = common.model_dir(stage)
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path} has no merged model: run `python -m stages.merge {stage}` first")
         models[stage] = str(path)
 
     data = EvalData()
-    if "cpt" in stages:
+    if "cpt" in spec.stages:
         data.lm = load_eval("cpt", limit)
-    if "sft" in stages:
+    if sft is not None:
         data.sft = load_eval("sft", limit)
-        sft = params.stage("sft")
-        if sft.eval_dataset or params.data.val_size:
+        if sft.eval_dataset or args.val_size:
             prompts = prepare("sft", sft.dataset, args, tokenizer, eval_names=sft.eval_dataset,
                               eval_stage="unsupervised").eval
             data.prompts = cap(prompts, limit)
-    pref = next((s for s in ("dpo", "kto") if s in stages), None)
-    if pref == "dpo":
+    if spec.preference == "dpo":
         data.pairs = load_eval("dpo", limit)
-    elif pref == "kto":
+    elif spec.preference == "kto":
         data.feedback = load_eval("kto", limit)
 
-    inputs = {stage: params.previous_stage(stage) or "base" for stage in stages}
-    settings = EvalSettings(max_new_tokens=params.evaluate.max_new_tokens, num_samples=params.evaluate.num_samples,
-                            batch_size=params.train.per_device_eval_batch_size,
-                            gen_batch_size=max(32, params.train.per_device_eval_batch_size), pref_stage=pref,
-                            beta=params.stage(pref).pref_beta if pref else 0.1)
+    settings = EvalSettings(max_new_tokens=spec.evaluate.max_new_tokens, num_samples=spec.evaluate.num_samples,
+                            batch_size=spec.eval_batch_size, gen_batch_size=max(32, spec.eval_batch_size),
+                            pref_stage=spec.preference, beta=spec.pref_beta)
     results, samples = evaluate(models, tokenizer, data, settings, eos_ids=template.stop_token_ids(tokenizer),
-                                inputs=inputs, load=lambda path: load_model(path, trust_remote_code=trust))
-    atomic_write_text(common.METRICS / "evaluate.json", json.dumps(results, indent=2) + "\n")
+                                inputs=dict(spec.stages),
+                                load=lambda path: load_model(path, trust_remote_code=trust))
+    atomic_write_text(common.metrics_file("evaluate"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(common.METRICS / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
     print(format_table(results, list(models)), file=sys.stderr)
 
@@ -124,4 +106,4 @@ def _key_order(key: str) -> tuple[int, str]:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, common.no_argument("evaluate"))

@@ -1,10 +1,11 @@
-"""prepare@<stage>: tokenize a stage's datasets with the LLaMA-Factory-compatible data layer.
+"""prepare-<stage>: tokenize a stage's datasets with the LLaMA-Factory-compatible data layer.
 
     python -m stages.prepare cpt|sft|dpo|kto
 
-Writes outputs/data/<stage>/{train,eval}/ (Arrow, `datasets.save_to_disk`) and health.json (rows in, dropped by
-reason, truncated, zero-label, length histogram); metrics/data_<stage>.json repeats the headline numbers for
-`dvc metrics diff`. The eval split is processed as the same stage, so eval losses are comparable to training.
+Reads its plan section (data options, datasets) and the base tokenizer. Writes outputs/data/<stage>/{train,eval}/
+(Arrow, `datasets.save_to_disk`) and health.json (rows in, dropped by reason, truncated, zero-label, length
+histogram); metrics/data_<stage>.json repeats the headline numbers for `dvc metrics diff`. The eval split is
+processed as the same stage, so eval losses are comparable to training.
 """
 
 from __future__ import annotations
@@ -13,52 +14,36 @@ import json
 import sys
 
 from stages import common
-
-# pipeline stage -> data-layer stage (LF's names: cpt is LF's pt)
-DATA_STAGE = {"cpt": "pt", "sft": "sft", "dpo": "dpo", "kto": "kto"}
+from tunepipe.config import STAGES
 
 
 def main(argv: list[str]) -> None:
     from datasets import Dataset
 
     from tunepipe.data import health
-    from tunepipe.data.prepare import DataArgs, prepare
-    from tunepipe.errors import ConfigError
+    from tunepipe.data.features import DataArgs, prepare
     from tunepipe.io import atomic_dir, atomic_write_text
-    from tunepipe.models import load_tokenizer
+    from tunepipe.models.loading import load_tokenizer
 
-    if len(argv) != 1 or argv[0] not in DATA_STAGE:
-        raise ConfigError(f"usage: python -m stages.prepare {{{','.join(DATA_STAGE)}}}")
-    name = argv[0]
-    params = common.params()
-    stage = params.stage(name)
-    train = params.stage_train(name)
-    model = params.model
-    d = params.data
-    args = DataArgs(dataset_dir=str(common.ROOT / d.dataset_dir), template=model.template, cutoff_len=d.cutoff_len,
-                    packing=train.packing if name == "cpt" else False, neat_packing=stage.neat_packing,
-                    train_on_prompt=stage.train_on_prompt, mask_history=stage.mask_history,
-                    max_samples=d.max_samples, mix_strategy=d.mix_strategy, val_size=d.val_size if not
-                    stage.eval_dataset else 0.0, seed=d.seed, preprocessing_batch_size=d.preprocessing_batch_size,
-                    tool_format=d.tool_format, default_system=d.default_system, allow_scripts=d.allow_scripts,
-                    skip_bad_rows=d.skip_bad_rows, overlength=d.overlength)
+    spec = common.inputs(f"prepare-{argv[0]}")
+    args = DataArgs(**spec.data)
+    common.work_begins(f"prepare-{spec.stage}")
     # Every stage tokenizes with the base model's tokenizer (merges save it unchanged, with the template applied).
-    tokenizer = load_tokenizer(common.base_model_path(params), trust_remote_code=model.trust_remote_code)
-    prepared = prepare(DATA_STAGE[name], stage.dataset, args, tokenizer, eval_names=stage.eval_dataset)
+    tokenizer = load_tokenizer(common.base_model_path(), trust_remote_code=spec.trust_remote_code)
+    prepared = prepare(spec.lf_stage, spec.dataset, args, tokenizer, eval_names=spec.eval_dataset)
 
-    out = common.data_dir(name)
-    report = health.report(DATA_STAGE[name], prepared.datasets, prepared.health, d.cutoff_len, prepared.notes,
+    report = health.report(spec.lf_stage, prepared.datasets, prepared.health, args.cutoff_len, prepared.notes,
                            prepared.eval_health)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(common.data_dir(spec.stage)) as tmp:
         Dataset.from_dict(prepared.train).save_to_disk(str(tmp / "train"))
         if prepared.eval is not None:
             Dataset.from_dict(prepared.eval).save_to_disk(str(tmp / "eval"))
         (tmp / "health.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     headline = {k: report[k] for k in ("rows_in", "examples_out", "rows_dropped", "truncated", "zero_label",
                                        "tokens", "label_tokens")}
-    atomic_write_text(common.METRICS / f"data_{name}.json", json.dumps(headline, indent=2) + "\n")
+    atomic_write_text(common.metrics_file("prepare", spec.stage), json.dumps(headline, indent=2) + "\n")
     print(health.format_table(report), file=sys.stderr)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, common.stage_argument("prepare", STAGES))

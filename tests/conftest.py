@@ -100,7 +100,7 @@ def pipeline_project(tmp_path_factory, prefect_harness):
 
 # ------------------------------------------------------------------------------------------------ tiny test models
 def _small_config():
-    from tunepipe.models import TinyConfig
+    from tunepipe.models.tiny import TinyConfig
 
     return TinyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)
@@ -112,7 +112,7 @@ SMALL = _small_config()
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> str:
     """A 2-layer tiny Qwen2 with the demo tokenizer, built once per session (training, merging, evaluation)."""
-    from tunepipe.models import TINY, resolve_model_path
+    from tunepipe.models.tiny import TINY, resolve_model_path
 
     return resolve_model_path(TINY, cache_dir=tmp_path_factory.getbasetemp() / "tiny-cache", config=SMALL)
 

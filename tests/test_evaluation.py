@@ -17,7 +17,7 @@ from tunepipe.data.converters import Example  # noqa: E402
 from tunepipe.data.processors import Processor, ProcessorOptions  # noqa: E402
 from tunepipe.data.templates import get_template  # noqa: E402
 from tunepipe.metrics import similarity_scores  # noqa: E402
-from tunepipe.models import load_tokenizer  # noqa: E402
+from tunepipe.models.loading import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,9 +250,10 @@ def test_evaluate_kto(tiny, tok_template):
 
 
 def test_stage_writes_metrics_files(tiny, tmp_path, monkeypatch):
-    """prepare@cpt/sft/dpo + evaluate in a scratch project (the merged models are copies of the base)."""
+    """prepare-cpt/sft/dpo + evaluate in a scratch project (the merged models are copies of the base)."""
     from stages import common
     from stages import evaluate as evaluate_stage
+    from stages import params as params_stage
     from stages import prepare as prepare_stage
 
     project = tmp_path / "project"
@@ -260,8 +261,8 @@ def test_stage_writes_metrics_files(tiny, tmp_path, monkeypatch):
     (project / "params.yaml").write_text(
         "model: {template: qwen}\ndata: {cutoff_len: 64, max_samples: 12}\n"
         "evaluate: {max_new_tokens: 4, max_eval_samples: 6, num_samples: 2}\n")
-    for name, value in (("ROOT", project), ("OUTPUTS", project / "outputs"), ("METRICS", project / "metrics")):
-        monkeypatch.setattr(common, name, value)
+    monkeypatch.chdir(project)  # stages run from the project root, as DVC starts them
+    params_stage.write()
     shutil.copytree(tiny, common.base_model_dir())
     for stage in ("cpt", "sft", "dpo"):
         prepare_stage.main([stage])

@@ -13,10 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tunepipe import merging  # noqa: E402
+from tunepipe.models import merging  # noqa: E402
 from tunepipe.data.templates import get_template  # noqa: E402
-from tunepipe.merging import MergeError, check_chat_template, merge_adapter  # noqa: E402
-from tunepipe.models import load_tokenizer  # noqa: E402
+from tunepipe.models.merging import MergeError, check_chat_template, merge_adapter  # noqa: E402
+from tunepipe.models.loading import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER = "Diond was founded in 1489."
@@ -160,7 +160,7 @@ def test_full_finetuning_dir_is_resaved(tiny, tmp_path):
 
 
 def test_saved_chat_template_renders_training_ids(tiny, tmp_path):
-    from tunepipe.data.prepare import DataArgs, load_examples
+    from tunepipe.data.features import DataArgs, load_examples
 
     import numpy as np
 
@@ -290,17 +290,19 @@ def test_stage_cli(tiny, tmp_path, monkeypatch, capsys):
     metrics/merge_<stage>.json; a missing adapter is a one-line error, exit code 2, and no output."""
     from stages import common
     from stages import merge as merge_stage
+    from stages import params as params_stage
+    from tunepipe.config import STAGES
 
     project = tmp_path / "project"
     shutil.copytree(ROOT / "data", project / "data")
     (project / "params.yaml").write_text("model: {template: qwen}\nevaluate: {max_new_tokens: 4}\n")
-    for name, value in (("ROOT", project), ("OUTPUTS", project / "outputs"), ("METRICS", project / "metrics")):
-        monkeypatch.setattr(common, name, value)
+    monkeypatch.chdir(project)  # stages run from the project root, as DVC starts them
+    params_stage.write()
     shutil.copytree(tiny, common.base_model_dir())
 
     def merge(stage):
         monkeypatch.setattr(sys, "argv", ["stages.merge", stage])
-        common.run(merge_stage.main)
+        common.run(merge_stage.main, common.stage_argument("merge", STAGES))
 
     with pytest.raises(SystemExit) as exit_info:
         merge("cpt")
@@ -316,7 +318,7 @@ def test_stage_cli(tiny, tmp_path, monkeypatch, capsys):
     assert metrics["template_conversations"] == len(merging.SYNTHETIC_CONVERSATIONS) + 32  # cpt: no chat data
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     assert (common.model_dir("cpt") / "config.json").is_file()
-    assert "merge@cpt:" in capsys.readouterr().out
+    assert "merge-cpt:" in capsys.readouterr().out
 
     # sft starts from the cpt merge and checks its own (demo SFT) conversations too
     make_adapter(str(common.model_dir("cpt")), common.adapter_dir("sft"), seed=1)
@@ -329,4 +331,4 @@ def test_stage_cli(tiny, tmp_path, monkeypatch, capsys):
 
     with pytest.raises(SystemExit):
         merge("kto")  # disabled in params
-    assert "stage kto is disabled" in capsys.readouterr().err
+    assert "no step 'merge-kto' in the plan" in capsys.readouterr().err  # disabled in params

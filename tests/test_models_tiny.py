@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tunepipe import models
-from tunepipe.models import (
+from tunepipe.models import tiny as models
+from tunepipe.models.tiny import (
     EOS_TOKEN,
     IM_END,
     IM_START,
     TINY,
     build_tiny_model,
-    load_tokenizer,
     resolve_model_path,
 )
+from tunepipe.models.loading import load_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")

@@ -37,13 +37,13 @@ def statuses(result) -> dict[str, str]:
 
 
 def versions(project: Path) -> dict[int, list[str]]:
-    from tunepipe import tracking
+    from tunepipe.tracking import registry
 
-    return {int(v["version"]): sorted(v["aliases"]) for v in tracking.list_versions(project, "test-model")}
+    return {int(v["version"]): sorted(v["aliases"]) for v in registry.list_versions(project, "test-model")}
 
 
-CHAIN = ["base", "prepare@cpt", "prepare@sft", "prepare@dpo", "train@cpt", "merge@cpt", "train@sft", "merge@sft",
-         "train@dpo", "merge@dpo", "evaluate", "register"]
+CHAIN = ["params", "base", "prepare-cpt", "prepare-sft", "prepare-dpo", "train-cpt", "merge-cpt", "train-sft",
+         "merge-sft", "train-dpo", "merge-dpo", "evaluate", "register"]
 
 
 def test_cold_run_trains_every_stage_and_registers_a_champion(project):
@@ -57,14 +57,14 @@ def test_cold_run_trains_every_stage_and_registers_a_champion(project):
                  "plots/loss_sft.csv", "metrics/register.json", "dvc.lock"):
         assert (project / path).exists(), path
     # every stage that ran has an MLflow child run under one pipeline run, tagged with its DVC hashes
-    from tunepipe import tracking
+    from tunepipe.tracking import store
 
-    client = tracking.connect(project)[0]
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    client = store.connect(project)[0]
+    experiment = client.get_experiment_by_name(store.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], "tags.`tunepipe.kind` = 'stage'")
     parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
     assert len(parents) == 1 and None not in parents
-    train_sft = [r for r in runs if r.data.tags.get("tunepipe.stage") == "train@sft"]
+    train_sft = [r for r in runs if r.data.tags.get("tunepipe.stage") == "train-sft"]
     assert train_sft and any(k.startswith("lineage.dvc") or k.startswith("dvc.") for k in train_sft[0].data.tags)
 
 
@@ -82,10 +82,10 @@ def test_dpo_data_change_reruns_only_the_dpo_branch(project):
     state, result = run(project)
     assert state.is_completed(), result
     status = statuses(result)
-    assert {s for s, v in status.items() if v == "ran"} == {"prepare@dpo", "train@dpo", "merge@dpo", "evaluate",
+    assert {s for s, v in status.items() if v == "ran"} == {"prepare-dpo", "train-dpo", "merge-dpo", "evaluate",
                                                            "register"}
-    assert all(status[s] == "skipped" for s in ("base", "prepare@cpt", "prepare@sft", "train@cpt", "merge@cpt",
-                                                "train@sft", "merge@sft"))
+    assert all(status[s] == "skipped" for s in ("params", "base", "prepare-cpt", "prepare-sft", "train-cpt", "merge-cpt",
+                                                "train-sft", "merge-sft"))
     assert 2 in versions(project)
 
 
@@ -96,7 +96,7 @@ def test_failed_stage_leaves_the_registry_untouched(project):
     state, result = run(project)
     assert state.is_failed()
     failed = [s for s in result["stages"] if s["status"] == "failed"]
-    assert [s["name"] for s in failed] == ["prepare@dpo"] and "invalid JSON" in failed[0]["error"]
+    assert [s["name"] for s in failed] == ["prepare-dpo"] and "invalid JSON" in failed[0]["error"]
     assert statuses(result)["register"] == "skipped"
     assert versions(project) == before
     assert (project / "metrics" / "register.json").read_text() == register_before
@@ -111,7 +111,7 @@ def test_model_failing_a_gate_is_only_a_candidate(project):
     state, result = run(project)
     assert state.is_completed(), result
     ran = {s for s, v in statuses(result).items() if v == "ran"}
-    assert "register" in ran and "train@cpt" not in ran
+    assert "register" in ran and "train-cpt" not in ran
     after = versions(project)
     newest = max(after)
     assert after[newest] == ["candidate"]

@@ -14,9 +14,11 @@ import pytest
 
 import tests.test_tracking as shared
 from tests.conftest import ROOT, cli
-from tunepipe import tracking
+from tunepipe.tracking import registry, runs, store
+from flows import pipeline_runs
 from tunepipe.config import Gate
-from tunepipe.tracking import Decision, RegistryError, decide_promotion
+from tunepipe.tracking.promotion import Decision, decide_promotion
+from tunepipe.tracking.registry import RegistryError
 
 # the pre-migrated store fixtures of test_tracking.py (the template DB is migrated once per session for both)
 mlflow_template, project, _real_store_untouched = shared.mlflow_template, shared.project, shared._real_store_untouched
@@ -75,28 +77,28 @@ def fake_model(root: Path, stage: str = "dpo") -> Path:
     return model
 
 
-def register(root: Path, accuracy: float, store: str = "copy") -> tracking.Registration:
+def register(root: Path, accuracy: float, store: str = "copy") -> registry.Registration:
     model = fake_model(root)
-    with tracking.stage_run(root, "register") as run:
-        return tracking.register_and_promote(
+    with runs.stage_run(root, "register") as run:
+        return registry.register_and_promote(
             root, model, name=NAME, run_id=run.info.run_id, metrics={"final": {"reward_accuracy": accuracy}},
             lineage={"git_commit": "c0ffee"}, gates=GATES, compare_metric=METRIC, store=store)
 
 
 def aliases(root: Path) -> dict[int, list[str]]:
-    return {row["version"]: row["aliases"] for row in tracking.list_versions(root, NAME)}
+    return {row["version"]: row["aliases"] for row in registry.list_versions(root, NAME)}
 
 
 def test_first_model_becomes_champion_with_metrics_and_lineage(project):
     result = register(project, 0.7)
     assert (result.version, result.aliases, result.decision.promote, result.previous_champion) == (
         1, ["champion"], True, None)
-    (row,) = tracking.list_versions(project, NAME)
+    (row,) = registry.list_versions(project, NAME)
     assert row["metrics"] == {METRIC: 0.7} and row["tags"]["lineage.git_commit"] == "c0ffee"
-    assert row["tags"][tracking.DECISION_TAG] == "champion" and row["source"].startswith("runs:/")
+    assert row["tags"][registry.DECISION_TAG] == "champion" and row["source"].startswith("runs:/")
     assert list((project / "mlartifacts").rglob("model/model.safetensors"))  # copied
-    assert tracking.champion_history(project, NAME) == [1]
-    assert tracking.champion(project, NAME) == {"version": 1, "metrics": {METRIC: 0.7}}
+    assert registry.champion_history(project, NAME) == [1]
+    assert registry.champion(project, NAME) == {"version": 1, "metrics": {METRIC: 0.7}}
 
 
 def test_worse_model_becomes_candidate_then_better_one_moves_champion(project):
@@ -110,20 +112,20 @@ def test_worse_model_becomes_candidate_then_better_one_moves_champion(project):
     better = register(project, 0.8)
     assert better.aliases == ["champion"] and better.previous_champion == 1
     assert aliases(project) == {1: [], 2: [], 3: [], 4: ["champion"]}  # superseded candidate cleared
-    assert tracking.champion_history(project, NAME) == [1, 4]
+    assert registry.champion_history(project, NAME) == [1, 4]
 
 
 def test_rollback_restores_previous_champion_and_errors_when_none(project):
     register(project, 0.7)
     with pytest.raises(RegistryError, match="no previous champion"):
-        tracking.rollback(project, NAME)
+        registry.rollback(project, NAME)
     register(project, 0.8)
     register(project, 0.9)
-    assert tracking.rollback(project, NAME) == (2, 3)
+    assert registry.rollback(project, NAME) == (2, 3)
     assert aliases(project)[2] == ["champion"]
-    assert tracking.rollback(project, NAME) == (1, 2)
+    assert registry.rollback(project, NAME) == (1, 2)
     with pytest.raises(RegistryError, match="no previous champion"):
-        tracking.rollback(project, NAME)
+        registry.rollback(project, NAME)
     # the next automatic registration compares against the rolled-back champion
     assert register(project, 0.75).decision.promote
 
@@ -131,29 +133,29 @@ def test_rollback_restores_previous_champion_and_errors_when_none(project):
 def test_manual_promote_is_recorded_so_rollback_undoes_it(project):
     register(project, 0.7)
     register(project, 0.65)  # candidate
-    assert tracking.promote(project, NAME, 2) == 1
+    assert registry.promote(project, NAME, 2) == 1
     assert aliases(project) == {1: [], 2: ["champion"]}  # candidate alias went with the promotion
-    assert tracking.rollback(project, NAME) == (1, 2)
+    assert registry.rollback(project, NAME) == (1, 2)
     with pytest.raises(RegistryError, match="has no version 9 .versions: 1, 2"):
-        tracking.promote(project, NAME, 9)
+        registry.promote(project, NAME, 9)
     with pytest.raises(RegistryError, match="no registered model"):
-        tracking.promote(project, "nope", 1)
+        registry.promote(project, "nope", 1)
 
 
 def test_apply_decision_and_register_model_separately_with_reference_store(project):
     model = fake_model(project)
-    with tracking.stage_run(project, "register") as run:
-        version = tracking.register_model(project, model, name=NAME, run_id=run.info.run_id,
+    with runs.stage_run(project, "register") as run:
+        version = registry.register_model(project, model, name=NAME, run_id=run.info.run_id,
                                           metrics={METRIC: 0.9}, lineage={}, store="reference")
     assert aliases(project) == {1: []}  # registered, no alias until the decision is applied
-    assert tracking.apply_decision(project, NAME, version, Decision(False, ["manual check"])) == ["candidate"]
-    (row,) = tracking.list_versions(project, NAME)
-    assert row["source"] == str(model.resolve()) and row["tags"][tracking.STORE_TAG] == "reference"
+    assert registry.apply_decision(project, NAME, version, Decision(False, ["manual check"])) == ["candidate"]
+    (row,) = registry.list_versions(project, NAME)
+    assert row["source"] == str(model.resolve()) and row["tags"][registry.STORE_TAG] == "reference"
     assert not list((project / "mlartifacts").rglob("model.safetensors"))  # nothing copied
 
 
 def test_list_versions_of_unknown_model_is_empty(project):
-    assert tracking.list_versions(project, "nope") == []
+    assert registry.list_versions(project, "nope") == []
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -181,7 +183,7 @@ def test_models_list_promote_rollback_cli(project, monkeypatch, capsys):
 
 
 def test_models_cli_outside_a_project_is_one_line_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(tracking.ENV_TRACKING_URI, raising=False)
+    monkeypatch.delenv(store.ENV_TRACKING_URI, raising=False)
     code, _, err = cli(monkeypatch, capsys, "models", "list", "--project", str(tmp_path))
     assert code == 2 and err.count("\n") == 1 and "no params.yaml" in err
     assert not (tmp_path / "mlflow.db").exists()
@@ -224,7 +226,10 @@ registry:
 
 
 def stage_project(root: Path, accuracy: float) -> None:
+    from stages import params as params_stage
+
     (root / "params.yaml").write_text(PARAMS)
+    params_stage.write(root)
     fake_model(root, "dpo")
     (root / "metrics").mkdir(exist_ok=True)
     (root / "metrics" / "evaluate.json").write_text(json.dumps({
@@ -239,8 +244,8 @@ def stage_project(root: Path, accuracy: float) -> None:
 def test_register_stage_end_to_end(project):
     """`python -m stages.register` in a tmp project, as the flow runs it: child of the pipeline run, lineage."""
     stage_project(project, 0.7)
-    parent = tracking.start_pipeline_run(project)
-    env = {**os.environ, **tracking.stage_env(project, parent, {"git_commit": "feedbeef", "pipeline": "nightly"}),
+    parent = pipeline_runs.start_pipeline_run(project)
+    env = {**os.environ, **pipeline_runs.stage_env(project, parent, {"git_commit": "feedbeef", "pipeline": "nightly"}),
            "PYTHONPATH": str(ROOT), "DVC_ROOT": str(project)}
     proc = subprocess.run([sys.executable, "-m", "stages.register"], cwd=project, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
@@ -250,26 +255,25 @@ def test_register_stage_end_to_end(project):
     report = json.loads((project / "metrics" / "register.json").read_text())
     assert report["version"] == 1 and report["aliases"] == ["champion"] and report["promoted"] is True
     assert report["gate_results"][0]["passed"] is True and report["reasons"] and report["name"] == NAME
-    assert tracking.current_aliases(project, NAME, 1) == ["champion"] and tracking.current_aliases(project, None, 1) == []
+    assert registry.current_aliases(project, NAME, 1) == ["champion"]
+    assert registry.current_aliases(project, None, 1) == []
 
-    (row,) = tracking.list_versions(project, NAME)
+    (row,) = registry.list_versions(project, NAME)
     assert row["metrics"]["final.reward_accuracy"] == 0.7 and row["metrics"]["base.reward_accuracy"] == 0.5
     assert row["tags"]["lineage.git_commit"] == "feedbeef" and row["tags"]["lineage.pipeline"] == "nightly"
     assert row["tags"]["lineage.dvc.outputs/models/dpo"] == "0123abcd.dir"
     assert row["tags"]["lineage.final_stage"] == "dpo" and len(row["tags"]["lineage.params_sha256"]) == 64
-    client = tracking.connect(project)[0]
+    client = store.connect(project)[0]
     run = client.get_run(row["run_id"])
-    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags[tracking.STAGE_TAG] == "register"
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags[runs.STAGE_TAG] == "register"
     assert run.data.metrics["final.reward_accuracy"] == 0.7 and run.data.params["registry.store"] == "copy"
 
 
 def test_register_stage_in_process_worse_model_and_missing_inputs(project, monkeypatch, capsys):
-    from stages import common
     from stages import register as stage
     from tunepipe.errors import ConfigError
 
-    for attr, value in (("ROOT", project), ("OUTPUTS", project / "outputs"), ("METRICS", project / "metrics")):
-        monkeypatch.setattr(common, attr, value)
+    monkeypatch.chdir(project)  # stages run from the project root, as DVC starts them
     stage_project(project, 0.7)
     stage.main([])
     stage_project(project, 0.65)
@@ -284,6 +288,6 @@ def test_register_stage_in_process_worse_model_and_missing_inputs(project, monke
         stage.main([])
     for path in sorted((project / "outputs" / "models" / "dpo").iterdir()):
         path.unlink()
-    with pytest.raises(ConfigError, match="run merge@dpo first"):
+    with pytest.raises(ConfigError, match="run merge-dpo first"):
         stage.main([])
-    assert len(tracking.list_versions(project, NAME)) == 2  # failures never touched the registry
+    assert len(registry.list_versions(project, NAME)) == 2  # failures never touched the registry

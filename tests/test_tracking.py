@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tunepipe import tracking
+from tunepipe.tracking import flatten, runs, store
+from flows import pipeline_runs
 from tunepipe.errors import ConfigError
 
 _TEMPLATE: dict[str, Path] = {}
@@ -28,7 +29,7 @@ def migrated_template(tmp_path_factory) -> Path:
     if "db" not in _TEMPLATE:
         from mlflow import MlflowClient
 
-        db = tmp_path_factory.mktemp("mlflow-template") / tracking.DB_NAME
+        db = tmp_path_factory.mktemp("mlflow-template") / store.DB_NAME
         client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
         client.search_experiments()
         client.search_registered_models(max_results=1)
@@ -48,9 +49,9 @@ def project(tmp_path, mlflow_template, monkeypatch) -> Path:
 
     root = tmp_path / "proj"
     root.mkdir()
-    shutil.copy(mlflow_template, root / tracking.DB_NAME)
-    monkeypatch.setenv(tracking.ENV_TRACKING_URI, f"sqlite:///{root / tracking.DB_NAME}")
-    for name in (tracking.ENV_PARENT_RUN_ID, tracking.ENV_LINEAGE):
+    shutil.copy(mlflow_template, root / store.DB_NAME)
+    monkeypatch.setenv(store.ENV_TRACKING_URI, f"sqlite:///{root / store.DB_NAME}")
+    for name in (runs.ENV_PARENT_RUN_ID, runs.ENV_LINEAGE):
         monkeypatch.delenv(name, raising=False)
     yield root
     while mlflow.active_run():
@@ -59,51 +60,51 @@ def project(tmp_path, mlflow_template, monkeypatch) -> Path:
 
 @pytest.fixture(autouse=True)
 def _real_store_untouched():
-    real = ROOT / tracking.DB_NAME
+    real = ROOT / store.DB_NAME
     before = real.stat().st_mtime_ns if real.exists() else None
     yield
     assert (real.stat().st_mtime_ns if real.exists() else None) == before, "a test touched the project's mlflow.db"
 
 
 def client_for(root: Path):
-    return tracking.connect(root)[0]
+    return store.connect(root)[0]
 
 
 # ------------------------------------------------------------------------------------------------------------ store
 def test_default_uri_is_absolute_sqlite_under_the_root(tmp_path, monkeypatch):
-    monkeypatch.setenv(tracking.ENV_TRACKING_URI, "x")
-    monkeypatch.delenv(tracking.ENV_TRACKING_URI)
+    monkeypatch.setenv(store.ENV_TRACKING_URI, "x")
+    monkeypatch.delenv(store.ENV_TRACKING_URI)
     monkeypatch.chdir(tmp_path)
-    uri = tracking.tracking_uri(".")
+    uri = store.tracking_uri(".")
     assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db" and uri.startswith("sqlite:////")
-    assert tracking.artifact_root(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert store.artifact_root(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
 
 
 @pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "mlruns", "./mlruns"])
 def test_relative_env_uri_is_refused(uri, monkeypatch):
-    monkeypatch.setenv(tracking.ENV_TRACKING_URI, uri)
+    monkeypatch.setenv(store.ENV_TRACKING_URI, uri)
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI.*absolute"):
-        tracking.tracking_uri("/anywhere")
+        store.tracking_uri("/anywhere")
 
 
 def test_env_uri_wins(monkeypatch):
-    monkeypatch.setenv(tracking.ENV_TRACKING_URI, "http://127.0.0.1:5000")
-    assert tracking.tracking_uri("/anywhere") == "http://127.0.0.1:5000"
-    assert tracking.artifact_root("http://127.0.0.1:5000") is None
+    monkeypatch.setenv(store.ENV_TRACKING_URI, "http://127.0.0.1:5000")
+    assert store.tracking_uri("/anywhere") == "http://127.0.0.1:5000"
+    assert store.artifact_root("http://127.0.0.1:5000") is None
 
 
 def test_ensure_store_creates_experiment_with_absolute_artifact_location(project):
-    uri = tracking.tracking_uri(project)
-    experiment_id = tracking.ensure_store(uri)
-    assert tracking.ensure_store(uri) == experiment_id  # cached
+    uri = store.tracking_uri(project)
+    experiment_id = store.ensure_store(uri)
+    assert store.ensure_store(uri) == experiment_id  # cached
     experiment = client_for(project).get_experiment(experiment_id)
-    assert experiment.name == tracking.EXPERIMENT
+    assert experiment.name == store.EXPERIMENT
     assert experiment.artifact_location == (project / "mlartifacts").as_uri()
 
 
 def _ensure_in_child(uri: str, barrier) -> None:
     barrier.wait(timeout=60)
-    tracking.ensure_store(uri)
+    store.ensure_store(uri)
 
 
 def test_concurrent_ensure_store_on_a_fresh_db(tmp_path):
@@ -119,34 +120,34 @@ def test_concurrent_ensure_store_on_a_fresh_db(tmp_path):
     assert [proc.exitcode for proc in procs] == [0, 0, 0]
     from mlflow import MlflowClient
 
-    experiments = [e for e in MlflowClient(uri).search_experiments() if e.name == tracking.EXPERIMENT]
+    experiments = [e for e in MlflowClient(uri).search_experiments() if e.name == store.EXPERIMENT]
     assert len(experiments) == 1
 
 
 # ------------------------------------------------------------------------------------------------------------- runs
 def test_stage_run_under_pipeline_run_is_its_child(project):
-    parent = tracking.start_pipeline_run(project, tags={"trigger": "test"})
-    with tracking.stage_run(project, "sft", parent_run_id=parent, params={"lr": 1e-3}) as run:
+    parent = pipeline_runs.start_pipeline_run(project, tags={"trigger": "test"})
+    with runs.stage_run(project, "sft", parent_run_id=parent, params={"lr": 1e-3}) as run:
         child = run.info.run_id
     client = client_for(project)
     data = client.get_run(child).data
     assert data.tags["mlflow.parentRunId"] == parent
-    assert data.tags[tracking.STAGE_TAG] == "sft" and data.tags["mlflow.runName"] == "sft"
+    assert data.tags[runs.STAGE_TAG] == "sft" and data.tags["mlflow.runName"] == "sft"
     assert data.params == {"lr": "0.001"}
     assert client.get_run(child).info.status == "FINISHED"
-    assert client.get_run(parent).data.tags[tracking.KIND_TAG] == "pipeline"
+    assert client.get_run(parent).data.tags[runs.KIND_TAG] == "pipeline"
     assert client.get_run(parent).info.status == "RUNNING"
-    tracking.end_pipeline_run(project, parent, "FINISHED")
+    pipeline_runs.end_pipeline_run(project, parent, "FINISHED")
     assert client.get_run(parent).info.status == "FINISHED"
 
 
 def test_parent_run_id_and_lineage_come_from_the_environment(project, monkeypatch):
-    parent = tracking.start_pipeline_run(project)
-    env = tracking.stage_env(project, parent, {"git_commit": "abc123", "dvc": {"outputs/models/sft": "f00.dir"}})
-    assert env[tracking.ENV_TRACKING_URI].startswith("sqlite:////")
+    parent = pipeline_runs.start_pipeline_run(project)
+    env = pipeline_runs.stage_env(project, parent, {"git_commit": "abc123", "dvc": {"outputs/models/sft": "f00.dir"}})
+    assert env[store.ENV_TRACKING_URI].startswith("sqlite:////")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    with tracking.stage_run(project, "merge") as run:
+    with runs.stage_run(project, "merge") as run:
         pass
     tags = client_for(project).get_run(run.info.run_id).data.tags
     assert tags["mlflow.parentRunId"] == parent
@@ -155,15 +156,15 @@ def test_parent_run_id_and_lineage_come_from_the_environment(project, monkeypatc
 
 
 def test_flow_helpers_tag_stage_runs_and_finish_the_pipeline_run(project, monkeypatch):
-    parent = tracking.start_pipeline_run(project)
+    parent = pipeline_runs.start_pipeline_run(project)
     monkeypatch.setenv("DVC_STAGE", "train@sft")  # DVC exports it to stage commands
-    with tracking.stage_run(project, "sft", parent_run_id=parent) as run:
+    with runs.stage_run(project, "sft", parent_run_id=parent) as run:
         pass
     monkeypatch.delenv("DVC_STAGE")
     hashes = {"dvc.outs.outputs/adapters/sft": "abc.dir"}
-    assert tracking.tag_stage_run(parent, "train@sft", hashes) == run.info.run_id
-    made = tracking.tag_stage_run(parent, "prepare@sft", {"dvc.outs.outputs/data/sft": "d0.dir"})  # opened no run
-    tracking.finish_pipeline_run(parent, [{"name": "prepare@sft", "status": "ran", "seconds": 1.5},
+    assert pipeline_runs.tag_stage_run(parent, "train@sft", hashes) == run.info.run_id
+    made = pipeline_runs.tag_stage_run(parent, "prepare@sft", {"dvc.outs.outputs/data/sft": "d0.dir"})  # opened no run
+    pipeline_runs.finish_pipeline_run(parent, [{"name": "prepare@sft", "status": "ran", "seconds": 1.5},
                                           {"name": "train@sft", "status": "ran", "seconds": 9.0}], failed=True)
     client = client_for(project)
     assert client.get_run(run.info.run_id).data.tags["lineage.dvc.outs.outputs/adapters/sft"] == "abc.dir"
@@ -176,29 +177,29 @@ def test_flow_helpers_tag_stage_runs_and_finish_the_pipeline_run(project, monkey
 
 
 def test_stage_run_without_parent_is_still_recorded(project):
-    with tracking.stage_run(project, "evaluate") as run:
-        tracking.log_metrics({"final": {"loss": 1.5}})
+    with runs.stage_run(project, "evaluate") as run:
+        runs.log_metrics({"final": {"loss": 1.5}})
     got = client_for(project).get_run(run.info.run_id)
     assert "mlflow.parentRunId" not in got.data.tags
-    assert got.data.tags[tracking.STAGE_TAG] == "evaluate" and got.info.status == "FINISHED"
+    assert got.data.tags[runs.STAGE_TAG] == "evaluate" and got.info.status == "FINISHED"
     assert got.data.metrics == {"final.loss": 1.5}
 
 
 def test_missing_parent_run_gives_a_top_level_run(project):
-    with tracking.stage_run(project, "dpo", parent_run_id="0" * 32) as run:
+    with runs.stage_run(project, "dpo", parent_run_id="0" * 32) as run:
         pass
     tags = client_for(project).get_run(run.info.run_id).data.tags
     assert "mlflow.parentRunId" not in tags and tags["tunepipe.missing_parent_run_id"] == "0" * 32
 
 
 def test_failed_stage_marks_the_run_failed(project):
-    with pytest.raises(ValueError, match="boom"), tracking.stage_run(project, "cpt") as run:
+    with pytest.raises(ValueError, match="boom"), runs.stage_run(project, "cpt") as run:
         raise ValueError("boom")
     assert client_for(project).get_run(run.info.run_id).info.status == "FAILED"
 
 
 def test_sigterm_marks_the_run_killed(project):
-    with pytest.raises(SystemExit) as exit_, tracking.stage_run(project, "cpt") as run:
+    with pytest.raises(SystemExit) as exit_, runs.stage_run(project, "cpt") as run:
         os.kill(os.getpid(), signal.SIGTERM)
     assert exit_.value.code == 143
     assert client_for(project).get_run(run.info.run_id).info.status == "KILLED"
@@ -207,13 +208,13 @@ def test_sigterm_marks_the_run_killed(project):
 
 def test_log_params_flat_nests_with_dots_and_truncates(project):
     long = "x" * 7000
-    with tracking.stage_run(project, "sft") as run:
-        logged = tracking.log_params_flat({"train": {"lr": 2e-4, "lora": {"r": 8}}, "gates": [{"metric": "m"}],
+    with runs.stage_run(project, "sft") as run:
+        logged = runs.log_params_flat({"train": {"lr": 2e-4, "lora": {"r": 8}}, "gates": [{"metric": "m"}],
                                            "note": long, "bad key?": 1})
     params = client_for(project).get_run(run.info.run_id).data.params
     assert params["train.lr"] == "0.0002" and params["train.lora.r"] == "8"
     assert json.loads(params["gates"]) == [{"metric": "m"}]
-    assert len(params["note"]) == tracking.MAX_PARAM_VALUE and params["note"].endswith("...")
+    assert len(params["note"]) == flatten.MAX_PARAM_VALUE and params["note"].endswith("...")
     assert params["bad key_"] == "1" and logged == params
 
 
@@ -221,15 +222,15 @@ def test_log_metrics_file_flattens_numbers_only(project, tmp_path):
     path = tmp_path / "evaluate.json"
     path.write_text(json.dumps({"final": {"reward_accuracy": 0.75, "ok": True, "samples": ["hi"]},
                                 "base": {"ppl": 12}, "note": "text"}))
-    with tracking.stage_run(project, "evaluate") as run:
-        logged = tracking.log_metrics_file(path)
+    with runs.stage_run(project, "evaluate") as run:
+        logged = runs.log_metrics_file(path)
     assert logged == {"final.reward_accuracy": 0.75, "base.ppl": 12.0}
     assert client_for(project).get_run(run.info.run_id).data.metrics == logged
     with pytest.raises(ConfigError, match="not found"):
-        tracking.log_metrics_file(tmp_path / "nope.json", run.info.run_id, project_root=project)
+        runs.log_metrics_file(tmp_path / "nope.json", run.info.run_id, project_root=project)
     (tmp_path / "broken.json").write_text('{"final": {"reward_accuracy": 0.75,}}')
     with pytest.raises(ConfigError, match=r"broken\.json.*invalid JSON at line 1: Expecting property name"):
-        tracking.log_metrics_file(tmp_path / "broken.json", run.info.run_id, project_root=project)
+        runs.log_metrics_file(tmp_path / "broken.json", run.info.run_id, project_root=project)
 
 
 def test_artifacts_land_under_the_project(project, tmp_path):
@@ -237,24 +238,24 @@ def test_artifacts_land_under_the_project(project, tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     (tmp_path / "loss.csv").write_text("step,loss\n1,2.0\n")
-    with tracking.stage_run(project, "train") as run:
-        tracking.log_artifact_dir(model, "adapter")
-        tracking.log_artifact_file(tmp_path / "loss.csv")
+    with runs.stage_run(project, "train") as run:
+        runs.log_artifact_dir(model, "adapter")
+        runs.log_artifact_file(tmp_path / "loss.csv")
     stored = project / "mlartifacts"
     assert list(stored.rglob("adapter/config.json")) and list(stored.rglob("loss.csv"))
     assert run.info.artifact_uri.startswith(stored.as_uri())
 
 
 def test_bad_lineage_env_is_one_line_error(monkeypatch):
-    monkeypatch.setenv(tracking.ENV_LINEAGE, "{not json")
+    monkeypatch.setenv(runs.ENV_LINEAGE, "{not json")
     with pytest.raises(ConfigError, match="TUNEPIPE_LINEAGE.*not valid JSON"):
-        tracking.read_lineage_env()
-    monkeypatch.setenv(tracking.ENV_LINEAGE, "[1]")
+        runs.read_lineage_env()
+    monkeypatch.setenv(runs.ENV_LINEAGE, "[1]")
     with pytest.raises(ConfigError, match="JSON object"):
-        tracking.read_lineage_env()
+        runs.read_lineage_env()
 
 
 def test_git_lineage(tmp_path):
-    assert tracking.git_lineage(tmp_path) == {}  # not a repository
-    lineage = tracking.git_lineage(ROOT)
+    assert runs.git_lineage(tmp_path) == {}  # not a repository
+    lineage = runs.git_lineage(ROOT)
     assert len(lineage["git_commit"]) == 40 and isinstance(lineage["git_dirty"], bool)

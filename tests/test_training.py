@@ -16,12 +16,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tunepipe import training  # noqa: E402
-from tunepipe.callbacks import StopAfterStep  # noqa: E402
-from tunepipe.config import LoraParams, TrainParams, parse_params  # noqa: E402
+from tunepipe.train import recipe as training  # noqa: E402
+from tunepipe.train.callbacks import StopAfterStep  # noqa: E402
+from tunepipe.config import LoraParams, TrainParams, objective, parse_params  # noqa: E402
+from tunepipe.plan import TrainInputs, train_inputs  # noqa: E402
+from tunepipe.train.lora import lora_config  # noqa: E402
 from tunepipe.errors import ConfigError  # noqa: E402
-from tunepipe.models import load_tokenizer  # noqa: E402
-from tunepipe.trainers import (  # noqa: E402
+from tunepipe.models.loading import load_tokenizer  # noqa: E402
+from tunepipe.train.collators import (  # noqa: E402
     COUNTS_KEY,
     KTOCollator,
     PaddedCollator,
@@ -47,7 +49,7 @@ def data(tiny, tmp_path_factory) -> Path:
     """outputs/data/<stage>/{train,eval} for the four stages, prepared exactly as the prepare stage does."""
     from datasets import Dataset
 
-    from tunepipe.data.prepare import DataArgs, prepare
+    from tunepipe.data.features import DataArgs, prepare
 
     root = tmp_path_factory.mktemp("data")
     for stage, (lf_stage, names, eval_names, limit) in DATA.items():
@@ -60,6 +62,11 @@ def data(tiny, tmp_path_factory) -> Path:
     prepared = prepare("sft", "demo_sft", args, load_tokenizer(tiny))
     Dataset.from_dict(prepared.train).save_to_disk(str(root / "sft_neat" / "train"))
     return root
+
+
+def make_inputs(stage: str = "sft", *, lora: dict | None = None, **stage_values) -> TrainInputs:
+    """The stage's section of the plan, as stages/train.py reads it."""
+    return train_inputs(make_params(stage, lora=lora, **stage_values), stage)
 
 
 def make_params(stage: str = "sft", *, lora: dict | None = None, **stage_values):
@@ -98,7 +105,7 @@ def adapter_tensors(adapter: Path) -> dict:
 # Stages end to end (few steps each)
 # ---------------------------------------------------------------------------------------------------------------
 def test_cpt_writes_adapter_metrics_and_curve(tiny, data, tmp_path):
-    metrics = training.run_stage("cpt", make_params("cpt", max_steps=6), paths(tiny, data, tmp_path, "cpt"))
+    metrics = training.run_stage(make_inputs("cpt", max_steps=6), paths(tiny, data, tmp_path, "cpt"))
 
     adapter = tmp_path / "adapters" / "cpt"
     files = {p.name for p in adapter.iterdir()}
@@ -130,7 +137,7 @@ def test_sft_packing_changes_speed_not_the_math(tiny, data, tmp_path):
     runs = {}
     for packing in (True, False):
         out = tmp_path / str(packing)
-        runs[packing] = training.run_stage("sft", make_params(packing=packing, max_steps=5,
+        runs[packing] = training.run_stage(make_inputs("sft", packing=packing, max_steps=5,
                                                               per_device_train_batch_size=8),
                                            paths(tiny, data, out, "sft"))
         runs[packing]["losses"] = losses(out, "sft")
@@ -149,7 +156,7 @@ def test_loss_goes_down_on_a_tiny_overfit_set(tiny, data, tmp_path):
 
     subset = tmp_path / "overfit"
     load_from_disk(str(data / "sft" / "train")).select(range(8)).save_to_disk(str(subset / "train"))
-    metrics = training.run_stage("sft", make_params(max_steps=20, learning_rate=1e-2, lr_scheduler_type="constant"),
+    metrics = training.run_stage(make_inputs("sft", max_steps=20, learning_rate=1e-2, lr_scheduler_type="constant"),
                                  paths(tiny, data, tmp_path, "sft", data_dir=subset))
     trajectory = losses(tmp_path, "sft")
     assert len(trajectory) == 20 and metrics["eval_loss"] is None  # no eval split in this data dir
@@ -160,20 +167,20 @@ def test_loss_goes_down_on_a_tiny_overfit_set(tiny, data, tmp_path):
 def test_dpo_reference_is_the_input_model(tiny, data, tmp_path):
     """A fresh adapter starts as the identity, so the first DPO loss is exactly -log sigmoid(0) = ln 2: the reference
     (adapter disabled) is the model the stage started from. Then the loss falls and reward metrics are recorded."""
-    metrics = training.run_stage("dpo", make_params("dpo", max_steps=6, pref_beta=0.5),
+    metrics = training.run_stage(make_inputs("dpo", max_steps=6, pref_beta=0.5),
                                  paths(tiny, data, tmp_path, "dpo"))
     trajectory = losses(tmp_path, "dpo")
     assert trajectory[0] == pytest.approx(math.log(2), abs=1e-5)
     assert trajectory[-1] < trajectory[0]
     assert 0.0 <= metrics["eval_reward_accuracy"] <= 1.0 and "eval_reward_margin" in metrics
-    assert metrics["trainer"] == "dpo" and (tmp_path / "adapters" / "dpo" / "adapter_model.safetensors").exists()
+    assert metrics["objective"] == "dpo" and (tmp_path / "adapters" / "dpo" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
 def test_reference_free_preference_losses(tiny, data, tmp_path, loss):
-    metrics = training.run_stage("dpo", make_params("dpo", max_steps=3, pref_loss=loss, pref_beta=2.0),
+    metrics = training.run_stage(make_inputs("dpo", max_steps=3, pref_loss=loss, pref_beta=2.0),
                                  paths(tiny, data, tmp_path, "dpo"))
-    assert metrics["trainer"] == loss and metrics["steps"] == 3
+    assert metrics["objective"] == loss and metrics["steps"] == 3
     assert all(math.isfinite(x) for x in losses(tmp_path, "dpo"))
     assert metrics["tokens"] > 0 and metrics["eval_loss"] is not None
     assert (tmp_path / "adapters" / "dpo" / "adapter_model.safetensors").exists()
@@ -181,12 +188,12 @@ def test_reference_free_preference_losses(tiny, data, tmp_path, loss):
 
 def test_kto_trains_on_lf_features_with_kl_completions(tiny, data, tmp_path):
     """Policy = reference at step 1 gives KTO loss 1 - sigmoid(0) = 0.5 for every example."""
-    metrics = training.run_stage("kto", make_params("kto", max_steps=4, pref_beta=0.5),
+    metrics = training.run_stage(make_inputs("kto", max_steps=4, pref_beta=0.5),
                                  paths(tiny, data, tmp_path, "kto"))
     trajectory = losses(tmp_path, "kto")
     assert trajectory[0] == pytest.approx(0.5, abs=1e-5)
     assert trajectory[-1] < trajectory[0]
-    assert metrics["trainer"] == "kto" and metrics["eval_loss"] is not None
+    assert metrics["objective"] == "kto" and metrics["eval_loss"] is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,7 +261,7 @@ def test_rows_packed_by_prepare_neat_packing(tiny, data, tmp_path):
     with torch.no_grad():
         assert model(**batch).loss.item() == pytest.approx(model(**padded).loss.item(), rel=1e-5)
 
-    metrics = training.run_stage("sft", make_params(max_steps=3, per_device_train_batch_size=2),
+    metrics = training.run_stage(make_inputs("sft", max_steps=3, per_device_train_batch_size=2),
                                  paths(tiny, data, tmp_path, "sft", data_dir=data / "sft_neat"))
     assert metrics["steps"] == 3 and 0 < metrics["padding_fraction"] < 0.5
     assert all(math.isfinite(x) for x in losses(tmp_path, "sft"))
@@ -298,17 +305,17 @@ def test_preference_collators_keep_lf_tokens_and_labels(data):
 # Checkpoints and resume
 # ---------------------------------------------------------------------------------------------------------------
 def test_interrupted_run_resumes_from_its_checkpoint(tiny, data, tmp_path):
-    params = make_params(max_steps=8, save_steps=3)
-    full = training.run_stage("sft", params, paths(tiny, data, tmp_path / "straight", "sft"))
+    params = make_inputs(max_steps=8, save_steps=3)
+    full = training.run_stage(params, paths(tiny, data, tmp_path / "straight", "sft"))
 
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        training.run_stage("sft", params, paths(tiny, data, out, "sft"), callbacks=[StopAfterStep(5)])
+        training.run_stage(params, paths(tiny, data, out, "sft"), callbacks=[StopAfterStep(5)])
     checkpoints = out / "checkpoints" / "sft"
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-3"]
     assert (checkpoints / "fingerprint.json").exists() and not (out / "adapters" / "sft").exists()
 
-    resumed = training.run_stage("sft", params, paths(tiny, data, out, "sft"))
+    resumed = training.run_stage(params, paths(tiny, data, out, "sft"))
     assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 8
     assert resumed["tokens"] == full["tokens"]  # the token count continues from the checkpoint
     assert losses(out, "sft") == pytest.approx(losses(tmp_path / "straight", "sft"), rel=1e-5)
@@ -320,9 +327,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny, data, tmp_path):
 
     # a checkpoint of other params is stale: interrupted again, then rerun with another learning rate -> fresh start
     with pytest.raises(KeyboardInterrupt):
-        training.run_stage("sft", params, paths(tiny, data, out, "sft"), callbacks=[StopAfterStep(4)])
+        training.run_stage(params, paths(tiny, data, out, "sft"), callbacks=[StopAfterStep(4)])
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-3"]
-    changed = training.run_stage("sft", make_params(max_steps=4, save_steps=3, learning_rate=1e-3),
+    changed = training.run_stage(make_inputs("sft", max_steps=4, save_steps=3, learning_rate=1e-3),
                                  paths(tiny, data, out, "sft"))
     assert changed["resumed_from_step"] == 0 and changed["steps"] == 4
     assert not checkpoints.exists()  # a finished stage removes its checkpoints
@@ -335,7 +342,7 @@ def test_lora_switches_reach_peft(tiny):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    cfg = training.lora_config(LoraParams(lora_rank=4, lora_target="q_proj, v_proj", use_dora=True,
+    cfg = lora_config(LoraParams(lora_rank=4, lora_target="q_proj, v_proj", use_dora=True,
                                           use_rslora=True, additional_target="lm_head", lora_dropout=0.1))
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.1)
     assert set(cfg.target_modules) == {"q_proj", "v_proj"} and cfg.modules_to_save == ["lm_head"]
@@ -346,20 +353,18 @@ def test_lora_switches_reach_peft(tiny):
     assert "default" in q.lora_magnitude_vector  # DoRA
     assert not hasattr(model.base_model.model.model.layers[0].self_attn.k_proj, "lora_A")
 
-    plain = training.lora_config(LoraParams(lora_rank=16, lora_alpha=8))
+    plain = lora_config(LoraParams(lora_rank=16, lora_alpha=8))
     assert plain.target_modules == "all-linear" or set(plain.target_modules) >= {"q_proj"}
     assert (plain.lora_alpha, plain.use_dora, plain.use_rslora, plain.modules_to_save) == (8, False, False, None)
-    assert training.lora_config(LoraParams(), ["embed_tokens", "lm_head"]).modules_to_save == ["embed_tokens",
+    assert lora_config(LoraParams(), ["embed_tokens", "lm_head"]).modules_to_save == ["embed_tokens",
                                                                                                 "lm_head"]
 
 
 def test_preference_loss_mapping():
     def args(**stage):
-        p = make_params("dpo", **stage)
-        run = training.Run(stage="dpo", kind=training.trainer_kind("dpo", p.stage("dpo")), params=p,
-                           train=p.stage_train("dpo"), lora=p.stage_lora("dpo"), stage_params=p.stage("dpo"),
-                           paths=None)
-        run.paths = training.StagePaths("m", "m", Path("d"), Path("a"), Path("/tmp/tp-none"), Path("x"), Path("p"))
+        run = training.Run(inputs=make_inputs("dpo", **stage),
+                           paths=training.StagePaths("m", "m", Path("d"), Path("a"), Path("/tmp/tp-none"), Path("x"),
+                                                     Path("p")))
         return training.training_arguments(run, False, training.device_settings(run.train))
 
     dpo = args(pref_loss="ipo", pref_beta=0.3, pref_ftx=0.5)
@@ -384,7 +389,7 @@ def test_device_settings_on_cpu():
 def test_full_finetuning_saves_all_weights(tiny, data, tmp_path):
     from safetensors.torch import load_file
 
-    metrics = training.run_stage("cpt", make_params("cpt", max_steps=2, lora={"finetuning_type": "full"},
+    metrics = training.run_stage(make_inputs("cpt", max_steps=2, lora={"finetuning_type": "full"},
                                                     learning_rate=1e-3), paths(tiny, data, tmp_path, "cpt"))
     out = tmp_path / "adapters" / "cpt"
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
@@ -401,7 +406,7 @@ def test_grown_vocabulary_trains_the_embeddings(tiny):
     rows = model.get_input_embeddings().weight.shape[0]
     assert rows >= len(tokenizer) and rows % 64 == 0 and model.get_output_embeddings().weight.shape[0] == rows
     assert names == ["embed_tokens", "lm_head"]
-    assert training.lora_config(LoraParams(), names).modules_to_save == ["embed_tokens", "lm_head"]
+    assert lora_config(LoraParams(), names).modules_to_save == ["embed_tokens", "lm_head"]
     _, unchanged = training.load_model(tiny, load_tokenizer(tiny), dtype=torch.float32)
     assert unchanged == []
 
@@ -409,5 +414,5 @@ def test_grown_vocabulary_trains_the_embeddings(tiny):
 def test_missing_data_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="stages.prepare sft"):
         training.load_datasets(tmp_path / "nothing", "sft")
-    with pytest.raises(ConfigError, match="unknown training stage"):
-        training.trainer_kind("rm", make_params().stage("sft"))
+    with pytest.raises(ConfigError, match="unknown stage 'rm'"):
+        objective("rm")

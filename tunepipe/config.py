@@ -18,8 +18,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tunepipe.errors import ConfigError
 
-STAGE_ORDER = ("cpt", "sft", "dpo", "kto")
+# The one vocabulary of stage kinds. Pipeline stages, in order (dpo and kto are alternatives):
+STAGES = ("cpt", "sft", "dpo", "kto")
+PREFERENCE_STAGES = ("dpo", "kto")
+# LLaMA-Factory's `stage:` name of each: the data layer (which mirrors LF) and LF's YAMLs speak this one.
+LF_STAGE = {"cpt": "pt", "sft": "sft", "dpo": "dpo", "kto": "kto"}
 PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
+TINY = "tiny"  # model_name_or_path of the embedded base model (tunepipe.models.tiny builds it)
+DPO_FAMILY = ("sigmoid", "ipo", "hinge")  # losses against a reference model (the stage's input model)
+Objective = Literal["clm", "sft", "dpo", "orpo", "simpo", "kto"]
+
+
+def objective(stage: str, pref_loss: str = "sigmoid") -> Objective:
+    """What a stage trains: clm (cpt: next-token loss on raw text), sft, dpo (sigmoid/ipo/hinge), orpo, simpo, kto."""
+    if stage == "cpt":
+        return "clm"
+    if stage == "dpo":
+        return "dpo" if pref_loss in DPO_FAMILY else pref_loss  # type: ignore[return-value]
+    if stage in ("sft", "kto"):
+        return stage  # type: ignore[return-value]
+    raise ConfigError(f"unknown stage {stage!r} (expected {', '.join(STAGES)})")
 
 
 class Section(BaseModel):
@@ -87,7 +105,20 @@ class TrainParams(Section):
                                                    "padding-free packing at train time (default on).")
 
 
-class StageParams(TrainParams):
+class PreferenceParams(Section):
+    """The preference-optimisation keys of a dpo or kto stage."""
+
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = Field(
+        "sigmoid", description="dpo stage loss: sigmoid/ipo/hinge (DPO family, reference = previous stage), orpo or "
+                               "simpo (reference-free).")
+    pref_beta: float = Field(0.1, gt=0, description="Preference beta (DPO/IPO/hinge/ORPO lambda/SimPO beta).")
+    pref_ftx: float = Field(0.0, ge=0, description="SFT loss weight added to the preference loss.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
+    kto_chosen_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples.")
+    kto_rejected_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples.")
+
+
+class StageParams(TrainParams, PreferenceParams):
     """One stage: its data and any override of the shared `train:` and `lora:` values."""
 
     enabled: bool = Field(True, description="Run this stage; when off the next stage starts from the previous one.")
@@ -98,15 +129,6 @@ class StageParams(TrainParams):
     train_on_prompt: bool = Field(False, description="sft: also train on prompt tokens.")
     mask_history: bool = Field(False, description="sft: train on the last turn only.")
     neat_packing: bool = Field(False, description="sft: LF's neat_packing in the exported data.")
-    # preference
-    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = Field(
-        "sigmoid", description="dpo stage loss: sigmoid/ipo/hinge (DPO family, reference = previous stage), orpo or "
-                               "simpo (reference-free).")
-    pref_beta: float = Field(0.1, gt=0, description="Preference beta (DPO/IPO/hinge/ORPO lambda/SimPO beta).")
-    pref_ftx: float = Field(0.0, ge=0, description="SFT loss weight added to the preference loss.")
-    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
-    kto_chosen_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples.")
-    kto_rejected_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples.")
 
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -141,7 +163,7 @@ class StagesParams(Section):
     def _one_preference_stage(self) -> StagesParams:
         if self.dpo.enabled and self.kto.enabled:
             raise ValueError("enable at most one preference stage: dpo or kto (kto replaces dpo)")
-        if not any(getattr(self, name).enabled for name in STAGE_ORDER):
+        if not any(getattr(self, name).enabled for name in STAGES):
             raise ValueError("every stage is disabled")
         return self
 
@@ -180,7 +202,7 @@ class Params(Section):
     registry: RegistryParams = Field(default_factory=RegistryParams, description="Registry and promotion gates.")
 
     def enabled_stages(self) -> list[str]:
-        return [name for name in STAGE_ORDER if getattr(self.stages, name).enabled]
+        return [name for name in STAGES if getattr(self.stages, name).enabled]
 
     def stage(self, name: str) -> StageParams:
         return getattr(self.stages, name)
@@ -193,16 +215,38 @@ class Params(Section):
         return TrainParams(**merged)
 
     def stage_lora(self, name: str) -> LoraParams:
+        """The shared `lora:` values with the stage's `lora:` overrides applied."""
         stage = self.stage(name)
         merged = self.lora.model_dump()
         if stage.lora is not None:
             merged.update(stage.lora.model_dump(exclude_unset=True))
         return LoraParams(**merged)
 
+    def stage_preference(self, name: str) -> PreferenceParams:
+        stage = self.stage(name)
+        return PreferenceParams(**{key: getattr(stage, key) for key in PreferenceParams.model_fields})
+
+    def data_args(self, name: str, *, root: str | Path = "."):
+        """The data-layer options of stage `name` (the one params -> tunepipe.data mapping every stage uses).
+
+        cpt packs into cutoff_len blocks at prepare time (LF's pt); sft packs at train time, so its prepared data
+        is unpacked. `data.val_size` applies only to a stage without an eval_dataset."""
+        from tunepipe.data.features import DataArgs
+
+        stage, d = self.stage(name), self.data
+        return DataArgs(dataset_dir=str(Path(root) / d.dataset_dir), template=self.model.template,
+                        cutoff_len=d.cutoff_len, packing=self.stage_train(name).packing if name == "cpt" else False,
+                        neat_packing=stage.neat_packing, train_on_prompt=stage.train_on_prompt,
+                        mask_history=stage.mask_history, max_samples=d.max_samples, mix_strategy=d.mix_strategy,
+                        val_size=d.val_size if not stage.eval_dataset else 0.0, seed=d.seed,
+                        preprocessing_batch_size=d.preprocessing_batch_size, tool_format=d.tool_format,
+                        default_system=d.default_system, allow_scripts=d.allow_scripts,
+                        skip_bad_rows=d.skip_bad_rows, overlength=d.overlength)
+
     def previous_stage(self, name: str) -> str | None:
         """The last enabled stage before `name` (its merged model is this stage's base); None = the base model."""
         enabled = self.enabled_stages()
-        before = [s for s in STAGE_ORDER[: STAGE_ORDER.index(name)] if s in enabled]
+        before = [s for s in STAGES[: STAGES.index(name)] if s in enabled]
         return before[-1] if before else None
 
 

@@ -65,3 +65,7 @@ class RowError(Exception):
 
     def located(self, *, dataset: str | None, file: str | None, row: int | None) -> DataError:
         return DataError(self.message, dataset=dataset, file=file, row=row, field=self.field)
+
+
+class PipelineBusy(TunepipeError):
+    """Another pipeline run holds this project's lock."""

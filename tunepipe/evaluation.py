@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunepipe import metrics as M
+from tunepipe.data.processors import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,11 +293,9 @@ def evaluate(models: dict[str, Any], tokenizer: Any, data: EvalData, settings: E
 
 
 def load_model(path: str, *, trust_remote_code: bool = False) -> Any:
-    """fp32 on CPU (exact, small models); the checkpoint's dtype on a GPU."""
+    """fp32 on CPU (exact, small models); the checkpoint's dtype on a GPU, moved there."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if cuda else torch.float32,
-                                                 trust_remote_code=trust_remote_code)
-    return model.to("cuda" if cuda else "cpu").eval()
+    from tunepipe.models.loading import load_causal_lm
+
+    return load_causal_lm(path, trust_remote_code=trust_remote_code).to("cuda" if torch.cuda.is_available() else "cpu")

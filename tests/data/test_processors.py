@@ -207,8 +207,8 @@ def test_prepare_streams_batches_with_cyclic_gc_paused(tiny):
     import gc
     from pathlib import Path
 
-    from tunepipe.data.prepare import DataArgs, prepare
-    from tunepipe.models import load_tokenizer
+    from tunepipe.data.features import DataArgs, prepare
+    from tunepipe.models.loading import load_tokenizer
 
     data = Path(__file__).resolve().parents[2] / "data"
     args = DataArgs(dataset_dir=str(data), template="qwen", cutoff_len=64, preprocessing_batch_size=16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from tunepipe.data.prepare import Prepared
+from tunepipe.data.features import Prepared
 from tunepipe.data.processors import IGNORE_INDEX
 
 TRAINED_TTY = ("\x1b[1;32m", "\x1b[0m")  # bold green

@@ -1,4 +1,4 @@
-"""Models and tokenizers: the embedded `tiny` base model, loading, (LoRA config and merging).
+"""The embedded `tiny` base model: a few million random parameters and a tokenizer trained on the demo corpus.
 
 `model_name_or_path: tiny` needs nothing downloaded: `resolve_model_path` builds, once per (seed, corpus, config),
 a randomly initialised Qwen2ForCausalLM of a few million parameters with a byte-level BPE tokenizer trained on the
@@ -19,7 +19,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-TINY = "tiny"
+from tunepipe.config import TINY
+
 
 # Bump when the build recipe changes in a way that changes the output bytes: it is part of the cache key.
 TINY_BUILD_VERSION = 1
@@ -31,7 +32,7 @@ IM_END = "<|im_end|>"
 TINY_SPECIAL_TOKENS = (EOS_TOKEN, IM_START, IM_END)
 
 # Demo datasets the tokenizer is trained on by default (train and eval splits), read in this order.
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 DEMO_CORPUS_FILES = (
     "demo_cpt.txt",
     "demo_cpt_eval.txt",
@@ -74,7 +75,7 @@ class TinyConfig:
 
 # The tokenizer corpus is a frozen snapshot of the demo texts (DEMO_CORPUS_FILES, one JSON string per line) shipped
 # with the package: editing the demo data must not change the base model, or every stage would rerun.
-TINY_CORPUS = Path(__file__).resolve().parent / "assets" / "tiny_corpus.jsonl"
+TINY_CORPUS = Path(__file__).resolve().parents[1] / "assets" / "tiny_corpus.jsonl"
 
 
 def default_corpus_files(data_dir: Path | None = None) -> list[Path]:
@@ -326,25 +327,3 @@ def resolve_model_path(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
-
-
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    """AutoTokenizer as LLaMA-Factory loads it: fast, special tokens not split, right padding.
-
-    A directory whose tokenizer_config.json declares the generic fast class (`PreTrainedTokenizerFast`, the tiny
-    model, or its transformers-5 name `TokenizersBackend`) is loaded as exactly that: transformers >= 5.2x would
-    otherwise pick a model-specific class from config.json (Qwen2Tokenizer), which swaps the pre-tokenizer and
-    changes ids — and LLaMA-Factory's transformers (5.6) does not.
-    `trust_remote_code` stays off unless the user opts in (params.yaml), since it runs code from the model dir.
-    """
-    kwargs = dict(split_special_tokens=False, padding_side="right", trust_remote_code=trust_remote_code)
-    config = Path(path) / "tokenizer_config.json"
-    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") in \
-            ("PreTrainedTokenizerFast", "TokenizersBackend"):
-        from transformers import PreTrainedTokenizerFast  # not via the Auto classes: those import torch (~1.5 s)
-
-        kwargs.pop("trust_remote_code")
-        return PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, use_fast=True, **kwargs)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tunepipe.errors import TunepipeError
+from tunepipe.models.loading import load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -276,13 +277,6 @@ def smoke_generation(model: Any, tokenizer: Any, conversation: dict[str, Any], m
 # The merge
 
 
-def _load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, dtype: Any = "auto"):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.eval()
-
-
 def _dtype_name(model: Any) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
@@ -297,20 +291,20 @@ def load_adapter_model(input_model: str | Path, adapter_dir: str | Path, *, toke
 
     When the (template-fixed) tokenizer has more tokens than the input model has embedding rows, the embeddings are
     grown first exactly as training grows them (`resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)`,
-    tunepipe/training.py); the adapter then carries the trained embedding/output layers (`modules_to_save`)."""
+    tunepipe/train/recipe.py); the adapter then carries the trained embedding/output layers (`modules_to_save`)."""
     adapter_dir = Path(adapter_dir)
     if full:
         if not (adapter_dir / "config.json").is_file():
             raise MergeError(f"{adapter_dir}: finetuning_type is full but there is no config.json with full weights "
                              "(run the stage's training first)")
-        return _load_causal_lm(adapter_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+        return load_causal_lm(adapter_dir, trust_remote_code=trust_remote_code, dtype=dtype)
     if not (adapter_dir / "adapter_config.json").is_file():
         hint = (" (it holds full weights: set finetuning_type: full)" if _is_full_weights(adapter_dir)
                 else " (run the stage's training first)")
         raise MergeError(f"{adapter_dir}: no adapter_config.json{hint}")
     from peft import PeftModel
 
-    base = _load_causal_lm(input_model, trust_remote_code=trust_remote_code, dtype=dtype)
+    base = load_causal_lm(input_model, trust_remote_code=trust_remote_code, dtype=dtype)
     if tokenizer is not None and len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
@@ -361,8 +355,8 @@ def merge_adapter(
         model.save_pretrained(str(tmp))
         _save_tokenizer(tokenizer, tmp)
         del model
-        merged = _load_causal_lm(tmp, trust_remote_code=trust_remote_code, dtype=dtype)
-        from tunepipe.models import load_tokenizer
+        merged = load_causal_lm(tmp, trust_remote_code=trust_remote_code, dtype=dtype)
+        from tunepipe.models.loading import load_tokenizer
 
         saved_tok = load_tokenizer(str(tmp), trust_remote_code=trust_remote_code)
         diff = max_logit_diff(adapter_logits, probe_logits(merged, probes))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tunepipe.trainers import TokenCounter
+from tunepipe.train.collators import TokenCounter
 
 log = logging.getLogger("tunepipe.train")
 

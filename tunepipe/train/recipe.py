@@ -1,15 +1,16 @@
 """Training for the cpt / sft / dpo / kto stages: a fresh LoRA adapter (or all weights) on the previous stage's merged
 model, trained with transformers / TRL on the pre-tokenized features of the prepare stage.
 
-    setup(stage, params, paths)  -> Run     model + fresh adapter, datasets, trainer, resume decision
+    setup(inputs, paths)         -> Run     model + fresh adapter, datasets, trainer, resume decision
     train(run)                   -> dict    trainer.train (resumed if a matching checkpoint exists) + final eval
     save(run, metrics)                      adapter (atomic, safetensors), metrics JSON, loss curve CSV + PNG
 
-Which trainer (the `stages.<name>` keys of params.yaml are LLaMA-Factory's):
+`inputs` is the stage's section of the plan (tunepipe.plan.TrainInputs: its effective train, LoRA, preference and
+template values). Which trainer, by objective (the `stages.<name>` keys of params.yaml are LLaMA-Factory's):
 
-    cpt               transformers Trainer, packed blocks from prepare (labels as written there)
+    cpt (clm)         transformers Trainer, packed blocks from prepare (labels as written there)
     sft               transformers Trainer, our labels (-100 over prompts); `packing` (default on): padding-free
-                      batches (tunepipe.trainers.PaddingFreeCollator), else padded batches
+                      batches (tunepipe.train.collators.PaddingFreeCollator), else padded batches
     dpo  sigmoid|ipo|hinge   TRL DPOTrainer, `pref_beta` -> beta, `pref_ftx` -> + pref_ftx * SFT loss; reference =
                       the adapter-disabled model = the previous stage's merged model (no second copy)
     dpo  orpo         TRL experimental ORPOTrainer (beta = pref_beta), reference-free
@@ -33,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunepipe.config import LoraParams, Params, StageParams, TrainParams
+from tunepipe.config import LoraParams, TrainParams
 from tunepipe.errors import ConfigError
+from tunepipe.plan import TrainInputs
 
 log = logging.getLogger("tunepipe.train")
 
@@ -46,9 +48,7 @@ COLUMNS = {
             "rejected_input_ids", "rejected_attention_mask", "rejected_labels"),
     "kto": ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask", "kl_labels", "kto_tags"),
 }
-DPO_FAMILY = ("sigmoid", "ipo", "hinge")
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
-FINGERPRINT_FILE = "fingerprint.json"
 METADATA_FILE = "tunepipe_train.json"
 
 
@@ -67,12 +67,7 @@ class StagePaths:
 
 @dataclass
 class Run:
-    stage: str
-    kind: str  # pt | sft | dpo | orpo | simpo | kto
-    params: Params
-    train: TrainParams
-    lora: LoraParams
-    stage_params: StageParams
+    inputs: TrainInputs
     paths: StagePaths
     trainer: Any = None
     counter: Any = None
@@ -83,21 +78,26 @@ class Run:
     notes: list[str] = field(default_factory=list)
     resized_vocab: bool = False
 
+    @property
+    def stage(self) -> str:
+        return self.inputs.stage
+
+    @property
+    def kind(self) -> str:  # the objective: clm | sft | dpo | orpo | simpo | kto
+        return self.inputs.objective
+
+    @property
+    def train(self) -> TrainParams:
+        return self.inputs.train
+
+    @property
+    def lora(self) -> LoraParams:
+        return self.inputs.lora
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Small pieces (each unit-tested)
 # ---------------------------------------------------------------------------------------------------------------
-def trainer_kind(stage: str, stage_params: StageParams) -> str:
-    if stage == "cpt":
-        return "pt"
-    if stage == "dpo":
-        loss = stage_params.pref_loss
-        return "dpo" if loss in DPO_FAMILY else loss  # orpo | simpo
-    if stage in ("sft", "kto"):
-        return stage
-    raise ConfigError(f"unknown training stage {stage!r} (expected cpt, sft, dpo or kto)")
-
-
 def device_settings(train: TrainParams) -> dict[str, Any]:
     """fp32 on CPU; bf16 + gradient checkpointing on a GPU unless params.yaml sets them (TRL's configs default to
     bf16=True, which raises on a CPU-only machine, so every field is passed explicitly)."""
@@ -124,41 +124,14 @@ def cpu_threads() -> int | None:
     return 1
 
 
-def lora_config(lora: LoraParams, extra_modules_to_save: list[str] | tuple[str, ...] = (), *, tied: bool = False):
-    """params.yaml's LoRA keys (LF names) -> peft.LoraConfig."""
-    from peft import LoraConfig
-
-    target = lora.lora_target.strip()
-    target_modules: str | list[str] = ("all-linear" if target == "all"
-                                       else [t.strip() for t in target.split(",") if t.strip()])
-    if not target_modules:
-        raise ConfigError("empty lora_target (use 'all' or module names such as q_proj,v_proj)", key="lora_target")
-    modules_to_save = [t.strip() for t in (lora.additional_target or "").split(",") if t.strip()]
-    modules_to_save += [m for m in extra_modules_to_save if m not in modules_to_save]
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=lora.lora_rank,
-        lora_alpha=lora.lora_alpha if lora.lora_alpha is not None else 2 * lora.lora_rank,
-        lora_dropout=lora.lora_dropout,
-        target_modules=target_modules,
-        use_dora=lora.use_dora,
-        use_rslora=lora.use_rslora,
-        modules_to_save=modules_to_save or None,
-        ensure_weight_tying=tied and bool(modules_to_save),
-    )
-
-
-def load_training_tokenizer(path: str, params: Params, stage: str):
+def load_training_tokenizer(path: str, inputs: TrainInputs):
     """The base tokenizer with the template's fix applied (EOS = the template's stop word, pad, chat template), the
     same object the prepare stage tokenized with; it is saved with the adapter."""
-    from tunepipe.data.templates import get_template
-    from tunepipe.models import load_tokenizer
+    from tunepipe.data.features import DataArgs, load_template
+    from tunepipe.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(path, trust_remote_code=params.model.trust_remote_code)
-    template = get_template(params.model.template, tokenizer=tokenizer, tool_format=params.data.tool_format,
-                            default_system=params.data.default_system,
-                            train_on_prompt=params.stage(stage).train_on_prompt and stage == "sft")
-    template.fix_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(path, trust_remote_code=inputs.trust_remote_code)
+    load_template(DataArgs(**inputs.template), tokenizer, stage=inputs.stage)
     return tokenizer
 
 
@@ -167,19 +140,9 @@ def load_model(path: str, tokenizer, *, dtype, trust_remote_code: bool = False):
 
     Returns (model, names of the embedding modules that must be trained and saved: empty unless resized).
     """
-    from transformers import AutoModelForCausalLM
+    from tunepipe.models.loading import load_causal_lm
 
-    if not (Path(path) / "config.json").exists() and Path(path).is_absolute():
-        raise ConfigError(f"input model {path} does not exist (run the previous stage's merge first)")
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars; the stage logs one line instead
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
     # Training needs no KV cache; and with one, transformers does not derive the packed-sequence (block-diagonal)
     # mask from position ids, so packed examples would attend to each other.
     model.config.use_cache = False
@@ -215,100 +178,11 @@ def load_datasets(data_dir: Path, stage: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fingerprint and resume
-# ---------------------------------------------------------------------------------------------------------------
-def _hash_file(path: Path, h) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}\0{size}\0".encode())
-    with path.open("rb") as handle:
-        if size <= 256 * 2**20:
-            for chunk in iter(lambda: handle.read(2**20), b""):
-                h.update(chunk)
-        else:  # multi-GB weights: size + head + tail is a fingerprint, not a checksum (DVC checksums the files)
-            h.update(handle.read(8 * 2**20))
-            handle.seek(-8 * 2**20, os.SEEK_END)
-            h.update(handle.read())
-
-
-def hash_tree(path: str | Path) -> str:
-    """sha256 over the files of a directory (names, sizes, contents), or over the string for a hub id."""
-    h = hashlib.sha256()
-    path = Path(path)
-    if not path.exists():
-        h.update(str(path).encode())
-        return h.hexdigest()
-    if path.is_file():
-        files = [path]
-    else:  # hidden files (.partial dirs, caches) are not part of the content
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    for file in files:
-        h.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
-        _hash_file(file, h)
-    return h.hexdigest()
-
-
-def run_fingerprint(run: Run) -> dict[str, Any]:
-    """Everything that decides the training trajectory: a checkpoint is resumed only if all of it is unchanged."""
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    stage = run.stage_params.model_dump(exclude={"lora", "enabled", "dataset", "eval_dataset"})
-    return {
-        "stage": run.stage,
-        "kind": run.kind,
-        "train": run.train.model_dump(),
-        "lora": run.lora.model_dump(),
-        "stage_params": stage,
-        "template": run.params.model.template,
-        "data": hash_tree(run.paths.data),
-        "input_model": hash_tree(run.paths.input_model),
-        "tokenizer": hash_tree(run.paths.tokenizer),
-        "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-    }
-
-
-def resolve_resume(checkpoints: Path, fingerprint: dict[str, Any], *, is_main: bool) -> str | None:
-    """The latest checkpoint if it was written for this exact fingerprint; otherwise clear stale checkpoints (main
-    process only) and record the new fingerprint. Returns the checkpoint path or None (fresh start)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    file = checkpoints / FINGERPRINT_FILE
-    try:
-        stored = json.loads(file.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        stored = None
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if stored is not None and stored.get("digest") == digest and last is not None:
-        state = json.loads((Path(last) / "trainer_state.json").read_text())
-        if state["global_step"] < state["max_steps"]:
-            return last
-        log.info("the run in %s had finished (its adapter may not have been saved): starting fresh", checkpoints)
-    if is_main:
-        if checkpoints.exists():
-            if last is not None:
-                changed = sorted(k for k in fingerprint if (stored or {}).get("fingerprint", {}).get(k)
-                                 != fingerprint[k]) if stored else ["(no fingerprint)"]
-                log.info("discarding checkpoints in %s: %s changed", checkpoints, ", ".join(changed))
-            shutil.rmtree(checkpoints)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        from tunepipe.io import atomic_write_text
-
-        atomic_write_text(file, json.dumps({"digest": digest, "fingerprint": fingerprint}, indent=2,
-                                           sort_keys=True) + "\n")
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Trainer construction
 # ---------------------------------------------------------------------------------------------------------------
 def training_arguments(run: Run, has_eval: bool, device: dict[str, Any]) -> Any:
     """The TrainingArguments (or TRL config) of the stage, every field explicit (TRL's defaults differ)."""
-    t, sp = run.train, run.stage_params
+    t, sp = run.train, run.inputs.preference
     common: dict[str, Any] = dict(
         output_dir=str(run.paths.checkpoints),
         learning_rate=t.learning_rate,
@@ -337,8 +211,8 @@ def training_arguments(run: Run, has_eval: bool, device: dict[str, Any]) -> Any:
         activation_checkpointing_kwargs={"use_reentrant": False} if device["activation_checkpointing"] else None,
         **device,
     )
-    cutoff = run.params.data.cutoff_len
-    if run.kind in ("pt", "sft"):
+    cutoff = run.inputs.cutoff_len
+    if run.kind in ("clm", "sft"):
         from transformers import TrainingArguments
 
         return TrainingArguments(**common)
@@ -368,42 +242,44 @@ def training_arguments(run: Run, has_eval: bool, device: dict[str, Any]) -> Any:
 
 
 def make_collator(run: Run, tokenizer, model, train_columns: list[str]):
-    from tunepipe import trainers as tt
+    from tunepipe.train import collators as tc
 
     pad = tokenizer.pad_token_id
     if run.kind == "sft" and "position_ids" in train_columns:
         run.notes.append("sft data packed by prepare (neat_packing): examples isolated by their position ids")
-        return tt.PrepackedCollator(pad_token_id=pad)
+        return tc.PrepackedCollator(pad_token_id=pad)
     if run.kind == "sft" and run.train.packing is not False:
         attn = getattr(model.config, "_attn_implementation", None) or "eager"
         if attn in PACKING_ATTENTION:
             flash = attn.startswith("flash_attention")
             # sdpa/eager build a dense (rows x L x L) mask: rows of at most cutoff_len keep its cost bounded
             run.notes.append(f"sft packing: padding-free, position ids restart per example ({attn})")
-            return tt.PaddingFreeCollator(pad_token_id=pad, return_flash_attn_kwargs=flash,
-                                          max_row_tokens=None if flash else run.params.data.cutoff_len)
+            return tc.PaddingFreeCollator(pad_token_id=pad, return_flash_attn_kwargs=flash,
+                                          max_row_tokens=None if flash else run.inputs.cutoff_len)
         log.warning("packing: attention %r cannot isolate packed examples; using padded batches", attn)
-    if run.kind in ("pt", "sft"):
-        return tt.PaddedCollator(pad_token_id=pad)
+    if run.kind in ("clm", "sft"):
+        return tc.PaddedCollator(pad_token_id=pad)
     if run.kind == "dpo":
-        return tt.PreferenceCollator(pad_token_id=pad)
+        return tc.PreferenceCollator(pad_token_id=pad)
     if run.kind == "kto":
-        return tt.KTOCollator(pad_token_id=pad)
-    return tt.PairedCollator(pad_token_id=pad)
+        return tc.KTOCollator(pad_token_id=pad)
+    return tc.PairedCollator(pad_token_id=pad)
 
 
-def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple = ()) -> Run:
+def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) -> Run:
     """Model + fresh adapter, data, trainer and the resume decision for one stage."""
     import torch
     from accelerate import PartialState
     from transformers import PrinterCallback, set_seed
 
-    from tunepipe import trainers as tt
-    from tunepipe.callbacks import LossCurveCallback, ProgressCallback
+    from tunepipe.train import trainers as tt
+    from tunepipe.train.callbacks import LossCurveCallback, ProgressCallback
+    from tunepipe.train.collators import TokenCounter
+    from tunepipe.train.lora import describe, lora_config
+    from tunepipe.train.resume import run_fingerprint, resolve_resume
 
-    stage_params = params.stage(stage)
-    run = Run(stage=stage, kind=trainer_kind(stage, stage_params), params=params, train=params.stage_train(stage),
-              lora=params.stage_lora(stage), stage_params=stage_params, paths=paths)
+    stage = inputs.stage
+    run = Run(inputs=inputs, paths=paths)
     if run.kind == "kto" and run.train.per_device_train_batch_size < 2:
         raise ConfigError("KTO estimates its KL term across the examples of a batch: use a batch size of 2 or more",
                           key=f"stages.{stage}.per_device_train_batch_size")
@@ -413,11 +289,11 @@ def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple
         run.notes.append("CPU: 1 thread per process (set OMP_NUM_THREADS to change)")
 
     train_ds, eval_ds = load_datasets(paths.data, stage)
-    tokenizer = load_training_tokenizer(paths.tokenizer, params, stage)
+    tokenizer = load_training_tokenizer(paths.tokenizer, inputs)
     full = run.lora.finetuning_type == "full"
     dtype = torch.bfloat16 if device["bf16"] and not full else torch.float32
     model, grown = load_model(paths.input_model, tokenizer, dtype=dtype,
-                              trust_remote_code=params.model.trust_remote_code)
+                              trust_remote_code=inputs.trust_remote_code)
     run.resized_vocab = bool(grown)
     peft_config = None
     if not full:
@@ -425,7 +301,7 @@ def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple
     elif grown:
         run.notes.append("vocabulary resized (full fine-tuning trains the new rows)")
 
-    fingerprint = run_fingerprint(run)
+    fingerprint = run_fingerprint(inputs, paths)
     run.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     run.resume_from = resolve_resume(paths.checkpoints, fingerprint, is_main=state.is_main_process)
     state.wait_for_everyone()
@@ -433,13 +309,13 @@ def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
 
     args = training_arguments(run, eval_ds is not None, device)
-    run.counter = tt.TokenCounter()
+    run.counter = TokenCounter()
     collator = make_collator(run, tokenizer, model, train_ds.column_names)
     run.progress = ProgressCallback(stage, run.counter)
     run.curve = LossCurveCallback()
     all_callbacks = [run.progress, run.curve, *callbacks]
 
-    if run.kind in ("pt", "sft"):
+    if run.kind in ("clm", "sft"):
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -460,8 +336,8 @@ def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple
             kwargs["ref_model"] = None
             run.notes.append(f"reference model = {paths.input_model} (the model this stage starts from: "
                              f"{'adapter disabled' if peft_config is not None else 'frozen copy'})")
-        if run.kind == "kto" and stage_params.pref_ftx > 0:
-            log.warning("pref_ftx=%s is ignored for kto (TRL's KTOTrainer has no SFT term)", stage_params.pref_ftx)
+        if run.kind == "kto" and inputs.preference.pref_ftx > 0:
+            log.warning("pref_ftx=%s is ignored for kto (TRL's KTOTrainer has no SFT term)", inputs.preference.pref_ftx)
         run.trainer = cls(**kwargs)
 
     run.trainer.token_counter = run.counter
@@ -472,7 +348,7 @@ def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple
     if state.is_main_process:
         log.info("[%s] %s trainer on %s | %s | %s/%s trainable params (%.2f%%) | train %d%s examples | %s | "
                  "bf16=%s grad_ckpt=%s | %s", stage, run.kind, paths.input_model,
-                 "full fine-tuning" if full else _describe_lora(peft_config), f"{trainable:,}", f"{total:,}",
+                 "full fine-tuning" if full else describe(peft_config), f"{trainable:,}", f"{total:,}",
                  100 * trainable / max(total, 1), len(train_ds), f" / eval {len(eval_ds)}" if eval_ds else "",
                  "resuming from " + run.resume_from if run.resume_from else "fresh start", device["bf16"],
                  device["activation_checkpointing"], f"{state.num_processes} process(es)")
@@ -481,20 +357,12 @@ def setup(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple
     return run
 
 
-def _describe_lora(cfg) -> str:
-    target = cfg.target_modules if isinstance(cfg.target_modules, str) else ",".join(sorted(cfg.target_modules))
-    extras = [name for name, on in (("dora", cfg.use_dora), ("rslora", cfg.use_rslora)) if on]
-    save = f" +save {','.join(cfg.modules_to_save)}" if cfg.modules_to_save else ""
-    return f"LoRA r={cfg.r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {target}" + \
-        (f" ({'+'.join(extras)})" if extras else "") + save
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Train and save
 # ---------------------------------------------------------------------------------------------------------------
 def train(run: Run) -> dict[str, Any]:
     """Train (resuming when `setup` found a matching checkpoint), evaluate at the end; return the metrics."""
-    from tunepipe.callbacks import peak_memory_mb
+    from tunepipe.train.callbacks import peak_memory_mb
 
     trainer = run.trainer
     resumed_step = 0
@@ -517,7 +385,7 @@ def train(run: Run) -> dict[str, Any]:
     seconds = progress.train_seconds
     metrics: dict[str, Any] = {
         "stage": run.stage,
-        "trainer": run.kind,
+        "objective": run.kind,
         "steps": trainer.state.global_step,
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
         "train_loss": losses[-1] if losses else None,
@@ -534,7 +402,7 @@ def train(run: Run) -> dict[str, Any]:
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         **peak_memory_mb(),
     }
-    if run.kind == "pt" and metrics["eval_loss"] is not None:
+    if run.kind == "clm" and metrics["eval_loss"] is not None:
         metrics["eval_perplexity"] = round(math.exp(metrics["eval_loss"]), 4)
     for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl"):
         if f"eval_{key}" in eval_metrics:
@@ -564,16 +432,17 @@ def save(run: Run, metrics: dict[str, Any]) -> None:
     if main:
         for pickle_file in tmp.glob("*.bin"):  # training_args.bin: a pickle, not needed to use the adapter
             pickle_file.unlink()
+        _stable_adapter_config(tmp)
         weights = sorted(p.name for p in tmp.glob("*.safetensors"))
         if not weights:
             raise RuntimeError(f"no safetensors written to {tmp}")
         meta = {
             "stage": run.stage,
-            "trainer": run.kind,
+            "objective": run.kind,
             "finetuning_type": run.lora.finetuning_type,
             "input_model": run.paths.input_model,
             "tokenizer": run.paths.tokenizer,
-            "template": run.params.model.template,
+            "template": run.inputs.template["template"],
             "resized_vocab": run.resized_vocab,
             "fingerprint": run.fingerprint,
             "steps": metrics.get("steps"),
@@ -592,9 +461,22 @@ def save(run: Run, metrics: dict[str, Any]) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def run_stage(stage: str, params: Params, paths: StagePaths, callbacks: list | tuple = ()) -> dict[str, Any]:
+def _stable_adapter_config(adapter_dir: Path) -> None:
+    """PEFT writes `target_modules` (and `modules_to_save`) from a set, so their order follows the hash seed and two
+    identical runs would write different adapter hashes: sort them, and the keys."""
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save", "layers_to_transform", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key], key=str)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def run_stage(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) -> dict[str, Any]:
     """setup -> train -> save, for tests and notebooks (stages/train.py spells the same three steps out)."""
-    run = setup(stage, params, paths, callbacks)
+    run = setup(inputs, paths, callbacks)
     metrics = train(run)
     save(run, metrics)
     return metrics

@@ -1,0 +1,3 @@
+from tunepipe.cli import main
+
+main()

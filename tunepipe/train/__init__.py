@@ -1,0 +1,9 @@
+"""Training a stage: a fresh LoRA adapter (or all weights) on the stage's input model, with transformers / TRL.
+
+    recipe.py     setup -> train -> save for one stage (what stages/train.py spells out)
+    lora.py       params.yaml's LoRA keys -> peft.LoraConfig
+    resume.py     the run fingerprint and the resume decision (continue only an identical run)
+    collators.py  prepared features -> the batch layout each trainer expects (+ token accounting)
+    trainers.py   thin Trainer / TRL subclasses that consume those batches
+    callbacks.py  the per-step progress line, the loss curve (CSV + PNG), simulated interruption
+"""
