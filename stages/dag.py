@@ -23,7 +23,7 @@ from stages import common
 
 DATA_CODE = ["tunepipe/data"]
 TRAIN_CODE = ["stages/train.py", "tunepipe/training.py", "tunepipe/trainers.py", "tunepipe/callbacks.py",
-              "tunepipe/models.py", "tunepipe/data/templates.py"]
+              "tunepipe/models.py", "tunepipe/data/templates"]
 MERGE_CODE = ["stages/merge.py", "tunepipe/merging.py", "tunepipe/data"]
 EVAL_CODE = ["stages/evaluate.py", "tunepipe/evaluation.py", "tunepipe/metrics.py", "tunepipe/data"]
 REGISTER_CODE = ["stages/register.py", "tunepipe/tracking.py"]
