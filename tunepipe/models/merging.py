@@ -128,7 +128,7 @@ def conversations_from_examples(examples: Iterable[Any], limit: int) -> list[dic
 
 def _chat_messages(conversation: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Any] | None]:
     """Our message list -> (HF chat messages with the system first, parsed tools), as a user would pass them."""
-    from tunepipe.data.templates import _chat_message, _parse_tools  # the conversion `template: tokenizer` uses
+    from tunepipe.data.templates.engine import _chat_message, _parse_tools  # the conversion `template: tokenizer` uses
 
     chat = [{"role": "system", "content": conversation["system"]}] if conversation.get("system") else []
     chat += [_chat_message(message) for message in conversation["messages"]]
