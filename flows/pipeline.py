@@ -19,10 +19,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +39,7 @@ from tunepipe.errors import PipelineBusy
 from tunepipe.tracking import registry, store
 
 RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
+STARTUP = re.compile(r"\] start-up ([\d.]+) s")  # the line stages/common.py `work_begins` logs
 LOCK_FILE = "outputs/.pipeline.lock"
 
 
@@ -64,15 +67,30 @@ def project_lock(root: Path, *, wait: bool = False) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def stage_order(root: Path) -> list[str]:
-    """Stage names from dvc.yaml in dependency order (DVC's index graph: edges point to dependencies)."""
+@dataclass
+class StageDecl:
+    """What dvc.yaml declares of a stage, which is all this flow knows of it."""
+
+    name: str
+    params: list[tuple[str, list[str]]] = field(default_factory=list)  # (params file, its keys/sections)
+    metrics: list[str] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+    artifacts: list[str] = field(default_factory=list)  # `meta: {artifacts: [...]}`: reports worth keeping
+
+
+def stage_order(root: Path) -> list[StageDecl]:
+    """The stages of dvc.yaml in dependency order (DVC's index graph: edges point to dependencies)."""
     import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        graph = repo.index.graph
-        order = list(reversed(list(nx.topological_sort(graph))))
-        return [stage.name for stage in order if not str(stage.addressing).endswith(".dvc")]
+        order = reversed(list(nx.topological_sort(repo.index.graph)))
+        return [StageDecl(name=stage.name,
+                          params=[(str(d.def_path), list(d.params)) for d in stage.deps if hasattr(d, "params")],
+                          metrics=[str(o.def_path) for o in stage.outs if o.metric],
+                          plots=[str(o.def_path) for o in stage.outs if o.plot],
+                          artifacts=list((stage.meta or {}).get("artifacts", [])))
+                for stage in order if not str(stage.addressing).endswith(".dvc")]
 
 
 def start_status(root: Path) -> subprocess.Popen:
@@ -113,12 +131,14 @@ def run_stage(root: str, name: str, force: bool, env: dict[str, str]) -> dict[st
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
-    ran, tail = False, []
+    ran, tail, startup = False, [], None
     for line in proc.stdout:
         line = line.rstrip()
         if not line:
             continue
         ran |= line.startswith(f"Running stage '{name}'")
+        found = STARTUP.search(line)
+        startup = float(found.group(1)) if found else startup
         tail = (tail + [line])[-40:]
         logger.info("%s | %s", name, line)
     code = proc.wait()
@@ -128,7 +148,7 @@ def run_stage(root: str, name: str, force: bool, env: dict[str, str]) -> dict[st
         message = next((l for l in reversed(tail) if l.startswith("error:")), None) or next(
             (l for l in reversed(tail) if l.startswith("ERROR:")), tail[-1] if tail else "")
         raise RuntimeError(f"stage {name} failed (exit {code}): {message}")
-    return {"name": name, "status": RAN if ran else SKIPPED, "seconds": seconds}
+    return {"name": name, "status": RAN if ran else SKIPPED, "seconds": seconds, "startup_seconds": startup}
 
 
 def _git_commit(root: Path) -> str | None:
@@ -156,7 +176,8 @@ def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool 
         if dag.sync(root):
             logger.info("dvc.yaml regenerated from params.yaml (enabled stages changed)")
         with start_status(root) as status:  # dvc status runs while DVC's index and MLflow are opened here
-            order = stage_order(root)
+            stages = stage_order(root)
+            order = [stage.name for stage in stages]
             unknown = [s for s in force if s not in order]
             if unknown:
                 raise ValueError(f"unknown stage(s) to force: {', '.join(unknown)}; stages: {', '.join(order)}")
@@ -172,7 +193,8 @@ def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool 
             logger.info("dvc status: everything is up to date, nothing to run")
             results = [{"name": name, "status": SKIPPED, "seconds": 0.0} for name in order]
         else:
-            for name in order:
+            for stage in stages:
+                name = stage.name
                 try:
                     result = run_stage(str(root), name, name in force, env)
                 except Exception as err:
@@ -182,7 +204,8 @@ def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool 
                 results.append(result)
                 if result["status"] == RAN:
                     hashes = dvc_lock_hashes(root).get(name, {})
-                    pipeline_runs.tag_stage_run(parent, name, {f"dvc.{path}": md5 for path, md5 in hashes.items()})
+                    pipeline_runs.record_stage(root, parent, stage, lineage={"dvc": hashes},
+                                               startup_seconds=result.get("startup_seconds"))
 
         failed = [r for r in results if r["status"] == FAILED]
         decision = None

@@ -77,28 +77,62 @@ def finish_pipeline_run(run_id: str, results: Iterable[Mapping[str, Any]], *, fa
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def tag_stage_run(parent_run_id: str, stage: str, tags: Mapping[str, Any], *,
-                  project_root: str | Path | None = None) -> str:
-    """Add `lineage.*` tags (e.g. the stage's DVC hashes) to the newest child run of `parent_run_id` for `stage`
-    (matched on tunepipe.dvc_stage, then tunepipe.stage, then run name). A stage that opened no run of its own
-    gets one here, so every executed stage shows up under the pipeline run. Returns the run id."""
-    from mlflow.entities import RunTag
-
-    client, _, experiment_id = _pipeline_client(parent_run_id, project_root)
+def _stage_run_id(client, experiment_id: str, parent_run_id: str, stage: str) -> str:
+    """The newest child run of the pipeline run for `stage` (a stage that writes while it works opens its own, e.g.
+    training's live metrics), or a new one recorded here."""
     under = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    run_id = None
     for key in (f"tags.`{DVC_STAGE_TAG}`", f"tags.`{STAGE_TAG}`", "attributes.run_name"):
         found = client.search_runs([experiment_id], f"{under} and {key} = '{stage}'", max_results=1,
                                    order_by=["attributes.start_time DESC"])
         if found:
-            run_id = found[0].info.run_id
-            break
-    if run_id is None:
-        run = client.create_run(experiment_id, run_name=stage, tags={
-            "mlflow.parentRunId": parent_run_id, STAGE_TAG: stage, KIND_TAG: "stage", "tunepipe.recorded_by": "flow"})
-        run_id = run.info.run_id
-        client.set_terminated(run_id, status="FINISHED")
+            return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=stage, tags={
+        "mlflow.parentRunId": parent_run_id, STAGE_TAG: stage, KIND_TAG: "stage", "tunepipe.recorded_by": "flow"})
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id
+
+
+def tag_stage_run(parent_run_id: str, stage: str, tags: Mapping[str, Any], *,
+                  project_root: str | Path | None = None) -> str:
+    """Add `lineage.*` tags (e.g. the stage's DVC hashes) to the stage's run under `parent_run_id` (found or
+    created, see `_stage_run_id`). Returns the run id."""
+    from mlflow.entities import RunTag
+
+    client, _, experiment_id = _pipeline_client(parent_run_id, project_root)
+    run_id = _stage_run_id(client, experiment_id, parent_run_id, stage)
     items = [RunTag(k, v) for k, v in lineage_tags(tags).items()]
     for start in range(0, len(items), BATCH):
         client.log_batch(run_id, tags=items[start:start + BATCH])
+    return run_id
+
+
+def record_stage(root: Path, parent_run_id: str, stage, *, lineage: Mapping[str, Any],
+                 startup_seconds: float | None = None) -> str:
+    """Everything a stage that just ran declared in dvc.yaml, on its run: its params (its plan sections), its own
+    metrics files as metrics (this execution's only: nothing another stage wrote), its metrics, plots and
+    reports as artifacts, its lineage, its start-up time. `stage` is a flows.pipeline.StageDecl."""
+    import yaml
+
+    from tunepipe.io import read_json
+    from tunepipe.tracking.runs import log_artifact_file, log_metrics, log_params_flat
+
+    run_id = tag_stage_run(parent_run_id, stage.name, lineage, project_root=root)
+    params: dict[str, Any] = {}
+    for file, keys in stage.params:
+        document = yaml.safe_load((root / file).read_text(encoding="utf-8")) or {}
+        for key in keys:
+            params.update(document.get(key) or {})
+    if params:
+        log_params_flat(params, run_id, project_root=root)
+    metrics: dict[str, Any] = {}
+    for file in stage.metrics:
+        if (root / file).exists():
+            data = read_json(root / file, missing="metrics file not found")
+            metrics.update(data if isinstance(data, Mapping) else {})
+    if startup_seconds is not None:
+        metrics["startup_seconds"] = startup_seconds
+    log_metrics(metrics, run_id, project_root=root)
+    for file in [*stage.metrics, *stage.plots, *stage.artifacts]:
+        if (root / file).is_file():
+            log_artifact_file(root / file, str(Path(file).parent), run_id, project_root=root)
     return run_id

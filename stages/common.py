@@ -30,7 +30,6 @@ PLOTS = ROOT / "plots"
 PLAN = OUTPUTS / "params.yaml"
 
 log = logging.getLogger("stages")
-_TRACKED = {"on": False}  # whether this process opened a stage run (set by `run`)
 
 
 def base_model_dir() -> Path:
@@ -119,22 +118,6 @@ def tracking_enabled() -> bool:
                 or (ROOT / "mlflow.db").exists())
 
 
-def _log_outputs(name: str) -> None:
-    """Attach what THIS step wrote to its MLflow run: its own metrics file, its plots and reports."""
-    from tunepipe.tracking import runs
-
-    step, _, stage = name.partition("-")
-    metrics = metrics_file(step, stage or None)
-    if metrics.exists():
-        runs.log_metrics_file(metrics, prefix=f"{metrics.stem}.")
-        runs.log_artifact_file(metrics, "metrics")
-    if step == "train":
-        for path in sorted(PLOTS.glob(f"loss_{stage}.*")):
-            runs.log_artifact_file(path, "plots")
-    if step == "prepare" and (data_dir(stage) / "health.json").exists():
-        runs.log_artifact_file(data_dir(stage) / "health.json", "data")
-
-
 def _process_age() -> float:
     """Seconds since this process started (interpreter start-up included)."""
     import psutil
@@ -143,22 +126,21 @@ def _process_age() -> float:
 
 
 def work_begins(name: str) -> float:
-    """Call where a stage's useful work begins (its libraries imported, its run open): logs the start-up time."""
+    """Call where a stage's useful work begins (its libraries imported, its run open): logs the start-up time, which
+    the flow records on the stage's MLflow run (the line's format is read by flows/pipeline.py)."""
     seconds = _process_age()
     log.info("[%s] start-up %.1f s (interpreter, imports, tracking)", name, seconds)
-    if _TRACKED["on"]:
-        from tunepipe.tracking import runs
-
-        runs.log_metrics({"startup_seconds": round(seconds, 2)})
     return seconds
 
 
-def run(main: Callable[[list[str]], Any], name: Callable[[list[str]], str], *, track: bool = True) -> None:
+def run(main: Callable[[list[str]], Any], name: Callable[[list[str]], str], *, track: bool = False) -> None:
     """Run a stage's main with the CLI's error policy (user errors are one line and exit 2; `--debug` or
-    TUNEPIPE_DEBUG=1 shows tracebacks) inside the stage's MLflow child run when tracking is on.
+    TUNEPIPE_DEBUG=1 shows tracebacks).
 
-    `name(argv)` gives the pipeline step name (`train-sft`): the plan section, the MLflow run name. `track=False`
-    for bookkeeping steps that produce nothing worth a run (the plan)."""
+    `name(argv)` gives the pipeline step name (`train-sft`): the plan section, the MLflow run name. The flow records
+    every stage's MLflow run from what dvc.yaml declares (its params section, metrics, plots, artifacts) after the
+    stage ends, so a stage process imports MLflow only when it must write to its run while it works: `track=True`
+    (training's live metric history, the registry) opens that run here, as a child of the pipeline run."""
     from contextlib import nullcontext
 
     from tunepipe.errors import TunepipeError
@@ -171,8 +153,7 @@ def run(main: Callable[[list[str]], Any], name: Callable[[list[str]], str], *, t
         step = name(argv)
         if not (ROOT / "params.yaml").is_file():
             raise TunepipeError(f"no params.yaml in {Path.cwd()}: run stages from the project root")
-        tracked = _TRACKED["on"] = track and tracking_enabled()
-        if tracked:
+        if track and tracking_enabled():
             from tunepipe.tracking import runs
 
             context = runs.stage_run(ROOT, step)
@@ -180,8 +161,6 @@ def run(main: Callable[[list[str]], Any], name: Callable[[list[str]], str], *, t
             context = nullcontext()
         with context:
             main(argv)
-            if tracked:
-                _log_outputs(step)
     except TunepipeError as err:
         if debug:
             raise

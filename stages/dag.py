@@ -22,7 +22,6 @@ times (workspace, DVC cache, MLflow registry).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -133,6 +132,7 @@ def build(root: Path, params) -> dict[str, Any]:
                 "deps": [*code.files("stages.prepare"), *data_files(stage), base],
                 "outs": [f"outputs/data/{stage}"],
                 "metrics": [{f"metrics/data_{stage}.json": {"cache": False}}],
+                "meta": {"artifacts": [f"outputs/data/{stage}/health.json"]},
             }
         elif step == "train":
             stages[name] = {
@@ -151,6 +151,7 @@ def build(root: Path, params) -> dict[str, Any]:
                          *chat],
                 "outs": [{f"outputs/models/{stage}": {"cache": False}}],
                 "metrics": [{f"metrics/merge_{stage}.json": {"cache": False}}],
+                "meta": {"artifacts": [f"outputs/models/{stage}/merge_report.json"]},
             }
         elif step == "evaluate":
             enabled = list(spec.stages)
@@ -160,6 +161,7 @@ def build(root: Path, params) -> dict[str, Any]:
                          *[f"outputs/data/{s}" for s in enabled], *(data_files("sft") if spec.sft else [])],
                 "metrics": [{"metrics/evaluate.json": {"cache": False}}],
                 "outs": [{"metrics/samples.json": {"cache": False}}],
+                "meta": {"artifacts": ["metrics/samples.json"]},
             }
         elif step == "register":
             stages[name] = {
@@ -210,5 +212,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TUNEPIPE_TRACKING", "0")  # generating the graph is not a pipeline step
-    common.run(main, lambda argv: "dag", track=False)
+    common.run(main, lambda argv: "dag")

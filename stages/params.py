@@ -40,4 +40,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    common.run(main, common.no_argument("params"), track=False)
+    common.run(main, common.no_argument("params"))

@@ -85,4 +85,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    common.run(main, common.no_argument("register"))
+    common.run(main, common.no_argument("register"), track=True)

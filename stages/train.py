@@ -51,4 +51,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    common.run(main, common.stage_argument("train", STAGES))
+    common.run(main, common.stage_argument("train", STAGES), track=True)

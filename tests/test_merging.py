@@ -1,4 +1,4 @@
-"""merge@<stage>: merged == adapter logits (LoRA, DoRA, rsLoRA, full), the template contract of the saved model,
+"""merge-<stage>: merged == adapter logits (LoRA, DoRA, rsLoRA, full), the template contract of the saved model,
 generation that stops at the template's EOS, and atomic output (a failed merge leaves nothing)."""
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ history): cold run, nothing-changed rerun, DPO-data change, a failing stage, a g
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +65,17 @@ def test_cold_run_trains_every_stage_and_registers_a_champion(project):
     runs = client.search_runs([experiment.experiment_id], "tags.`tunepipe.kind` = 'stage'")
     parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
     assert len(parents) == 1 and None not in parents
-    train_sft = [r for r in runs if r.data.tags.get("tunepipe.stage") == "train-sft"]
-    assert train_sft and any(k.startswith("lineage.dvc") or k.startswith("dvc.") for k in train_sft[0].data.tags)
+    by_stage = {r.data.tags.get("tunepipe.stage"): r for r in runs}
+    assert set(by_stage) == set(CHAIN)
+    train_sft = by_stage["train-sft"]
+    assert train_sft.data.tags["lineage.dvc.outputs/adapters/sft"].endswith(".dir")
+    # each stage's run holds the values of its own plan section and only its own metrics
+    assert train_sft.data.params["train.learning_rate"] == str(2e-3) and "pref_beta" not in str(train_sft.data.params)
+    assert by_stage["train-dpo"].data.params["preference.pref_beta"] == "0.1"
+    prepare = by_stage["prepare-sft"].data
+    assert prepare.params["dataset"] == "demo_sft,demo_sft_chat" and "examples_out" in prepare.metrics
+    assert not any(k.startswith(("train", "eval_")) for k in prepare.metrics)
+    assert all(r.data.metrics["startup_seconds"] > 0 for r in runs)
 
 
 def test_second_run_retrains_nothing(project):
@@ -73,6 +83,31 @@ def test_second_run_retrains_nothing(project):
     assert state.is_completed()
     assert set(statuses(result).values()) == {"skipped"}
     assert versions(project) == {1: ["champion"]}  # no new version when nothing changed
+
+
+def stale_after_plan(project: Path) -> set[str]:
+    """Rebuild the plan (the `params` step, as a run would first), then ask DVC which stages are stale now."""
+    dvc = [sys.executable, "-m", "dvc"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # DVC's `python`
+    subprocess.run([*dvc, "repro", "--single-item", "params"], cwd=project, check=True, capture_output=True, env=env)
+    status = subprocess.run([*dvc, "status", "--json"], cwd=project, check=True, capture_output=True, text=True,
+                            env=env)
+    return set(json.loads(status.stdout or "{}"))
+
+
+def test_code_defaults_rerun_exactly_the_stages_that_read_them(project):
+    """Effective values are what DVC compares: a default changed in tunepipe/config.py reruns the stages whose plan
+    section holds it (every train stage: none sets max_grad_norm), a help-string edit there reruns nothing."""
+    config = project / "tunepipe" / "config.py"
+    original = config.read_text()
+    try:
+        config.write_text(original.replace('description="Gradient clipping."', 'description="Clip gradients."'))
+        assert stale_after_plan(project) == set()
+        config.write_text(original.replace("max_grad_norm: float = Field(1.0,", "max_grad_norm: float = Field(0.5,"))
+        assert stale_after_plan(project) == {"train-cpt", "train-sft", "train-dpo"}
+    finally:
+        config.write_text(original)
+    assert stale_after_plan(project) == set()
 
 
 def test_dpo_data_change_reruns_only_the_dpo_branch(project):

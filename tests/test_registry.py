@@ -236,7 +236,7 @@ def stage_project(root: Path, accuracy: float) -> None:
         "base": {"reward_accuracy": 0.5}, "sft": {"sft_eval_loss": 2.1},
         "final": {"reward_accuracy": accuracy, "sft_eval_loss": 1.9, "cpt_perplexity": 30.0},
         "samples": [{"prompt": "hi", "output": "yo"}]}))
-    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  merge@dpo:\n    cmd: python -m stages.merge dpo\n"
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  merge-dpo:\n    cmd: python -m stages.merge dpo\n"
                                    "    outs:\n    - path: outputs/models/dpo\n      hash: md5\n"
                                    "      md5: 0123abcd.dir\n")
 

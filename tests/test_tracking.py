@@ -157,23 +157,23 @@ def test_parent_run_id_and_lineage_come_from_the_environment(project, monkeypatc
 
 def test_flow_helpers_tag_stage_runs_and_finish_the_pipeline_run(project, monkeypatch):
     parent = pipeline_runs.start_pipeline_run(project)
-    monkeypatch.setenv("DVC_STAGE", "train@sft")  # DVC exports it to stage commands
+    monkeypatch.setenv("DVC_STAGE", "train-sft")  # DVC exports it to stage commands
     with runs.stage_run(project, "sft", parent_run_id=parent) as run:
         pass
     monkeypatch.delenv("DVC_STAGE")
     hashes = {"dvc.outs.outputs/adapters/sft": "abc.dir"}
-    assert pipeline_runs.tag_stage_run(parent, "train@sft", hashes) == run.info.run_id
-    made = pipeline_runs.tag_stage_run(parent, "prepare@sft", {"dvc.outs.outputs/data/sft": "d0.dir"})  # opened no run
-    pipeline_runs.finish_pipeline_run(parent, [{"name": "prepare@sft", "status": "ran", "seconds": 1.5},
-                                          {"name": "train@sft", "status": "ran", "seconds": 9.0}], failed=True)
+    assert pipeline_runs.tag_stage_run(parent, "train-sft", hashes) == run.info.run_id
+    made = pipeline_runs.tag_stage_run(parent, "prepare-sft", {"dvc.outs.outputs/data/sft": "d0.dir"})  # opened no run
+    pipeline_runs.finish_pipeline_run(parent, [{"name": "prepare-sft", "status": "ran", "seconds": 1.5},
+                                          {"name": "train-sft", "status": "ran", "seconds": 9.0}], failed=True)
     client = client_for(project)
     assert client.get_run(run.info.run_id).data.tags["lineage.dvc.outs.outputs/adapters/sft"] == "abc.dir"
     placeholder = client.get_run(made)
-    assert placeholder.data.tags["mlflow.parentRunId"] == parent and placeholder.info.run_name == "prepare@sft"
+    assert placeholder.data.tags["mlflow.parentRunId"] == parent and placeholder.info.run_name == "prepare-sft"
     pipeline = client.get_run(parent)
     assert pipeline.info.status == "FAILED"
-    assert pipeline.data.metrics["stage_seconds.train_sft"] == 9.0  # "@" is not allowed in MLflow keys
-    assert pipeline.data.tags["stage_status.prepare_sft"] == "ran"
+    assert pipeline.data.metrics["stage_seconds.train-sft"] == 9.0
+    assert pipeline.data.tags["stage_status.prepare-sft"] == "ran"
 
 
 def test_stage_run_without_parent_is_still_recorded(project):

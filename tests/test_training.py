@@ -1,4 +1,4 @@
-"""train@<stage>: every trainer runs on the prepared features and writes its adapter, metrics and loss curve; packing
+"""train-<stage>: every trainer runs on the prepared features and writes its adapter, metrics and loss curve; packing
 is contamination-free and changes nothing but speed; the DPO/KTO reference is the input model; an interrupted run
 resumes from its checkpoint to the same result; LoRA switches reach PEFT; full fine-tuning works.
 

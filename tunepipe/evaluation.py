@@ -150,7 +150,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
 
 @dataclass
 class EvalData:
-    """Held-out feature columns (as prepare@<stage> wrote them), each capped to max_eval_samples rows.
+    """Held-out feature columns (as prepare-<stage> wrote them), each capped to max_eval_samples rows.
 
     lm: pt blocks (input_ids, labels); sft: supervised (input_ids, labels); prompts: the SFT eval set processed as
     "unsupervised" (input_ids = prompt, labels = reference answer ids); pairs: dpo columns; feedback: kto columns.

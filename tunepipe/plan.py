@@ -27,12 +27,9 @@ from pydantic import Field
 
 from tunepipe.config import (LF_STAGE, EvaluateParams, LoraParams, Objective, Params, PreferenceParams,
                              RegistryParams, Section, TrainParams, objective)
+from tunepipe.data.features import EXAMPLE_FIELDS, TEMPLATE_FIELDS
 
 StageName = Literal["cpt", "sft", "dpo", "kto"]
-# DataArgs fields that decide how the tokenizer is fixed and conversations are rendered (training saves that
-# tokenizer with the adapter; merge writes its chat template).
-TEMPLATE_FIELDS = ("template", "tool_format", "default_system", "enable_thinking", "preserve_thinking",
-                   "train_on_prompt")
 
 
 def dvc_stage(step: str, stage: str | None = None) -> str:
@@ -69,7 +66,8 @@ class TrainInputs(Section):
 class MergeInputs(Section):
     stage: StageName = Field(description="The pipeline stage.")
     previous: StageName | None = Field(description="The stage whose merged model the adapter was trained on.")
-    data: dict[str, Any] = Field(description="DataArgs for the chat-template round-trip conversations.")
+    data: dict[str, Any] = Field(description="DataArgs fields the round trip reads: template options, and how the "
+                                             "stage's conversations are loaded.")
     dataset: str | None = Field(description="Datasets the round-trip conversations come from (None for cpt).")
     finetuning_type: Literal["lora", "full"] = Field(description="Merge an adapter, or re-save full weights.")
     max_new_tokens: int = Field(description="Length of the generation probe.")
@@ -100,6 +98,10 @@ def _template(data: dict[str, Any]) -> dict[str, Any]:
     return {key: data[key] for key in TEMPLATE_FIELDS}
 
 
+def _examples(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: data[key] for key in EXAMPLE_FIELDS}
+
+
 def prepare_inputs(params: Params, stage: str) -> PrepareInputs:
     s = params.stage(stage)
     return PrepareInputs(stage=stage, lf_stage=LF_STAGE[stage], data=asdict(params.data_args(stage)),
@@ -123,6 +125,8 @@ def merge_inputs(params: Params, stage: str) -> MergeInputs:
     data["train_on_prompt"] = False  # the saved template renders for inference (LF's export does the same)
     s = params.stage(stage)
     datasets = ",".join(n for n in (s.dataset, s.eval_dataset) if n) if stage != "cpt" else None
+    # merge calls only load_template and, for a chat stage, load_examples
+    data = {**_template(data), **(_examples(data) if datasets else {})}
     return MergeInputs(stage=stage, previous=params.previous_stage(stage), data=data, dataset=datasets,
                        finetuning_type=params.stage_lora(stage).finetuning_type,
                        max_new_tokens=params.evaluate.max_new_tokens,

@@ -96,6 +96,14 @@ def check_stage(attrs: list[DatasetAttr], stage: str) -> None:
                             dataset=attr.name, field="ranking")
 
 
+# The DataArgs fields load_examples and load_template read (tunepipe.plan gives a step that calls only these two
+# functions exactly these values): keep each list next to its function.
+EXAMPLE_FIELDS = ("dataset_dir", "media_dir", "max_samples", "allow_scripts", "skip_bad_rows", "mix_strategy",
+                  "interleave_probs", "seed")
+TEMPLATE_FIELDS = ("template", "tool_format", "default_system", "enable_thinking", "preserve_thinking",
+                   "train_on_prompt")
+
+
 def load_examples(names: list[str], args: DataArgs, stage: str, rng, notes: list[str],
                   raws: dict[str, RawDataset]) -> list[Example]:
     """Load, sample and convert each named dataset, then mix them (LF's `_get_merged_dataset`)."""
