@@ -56,6 +56,13 @@ class DataParams(Section):
     dataset_dir: str = Field("data", description="Folder with dataset_info.json (relative to the project root).")
     cutoff_len: int = Field(512, gt=1, description="Maximum tokens per example.")
     preprocessing_batch_size: int = Field(1000, gt=0, description="Rows per processing batch (LF semantics).")
+    preprocessing_num_workers: int | None = Field(None, gt=0, description="Processes that tokenize in parallel "
+                                                                          "(LF semantics: the rows are split into "
+                                                                          "that many contiguous shards); None = "
+                                                                          "one.")
+    streaming: bool = Field(False, description="pt (cpt): read text corpora line by line and write the blocks "
+                                               "as they are made, so memory stays flat in the corpus size (same "
+                                               "tokens as without streaming).")
     max_samples: int | None = Field(None, gt=0, description="Keep only the first N rows of each dataset (debug).")
     val_size: float = Field(0.0, ge=0, description="Held-out split taken from the training data when a stage has "
                                                    "no eval_dataset: fraction in (0,1) or a row count.")
@@ -102,7 +109,44 @@ class TrainParams(Section):
     bf16: bool | None = Field(None, description="bf16 mixed precision; None = on when a GPU supports it, off on CPU.")
     gradient_checkpointing: bool | None = Field(None, description="None = on with a GPU, off on CPU.")
     packing: bool | None = Field(None, description="pt: pack into cutoff_len blocks (LF, default on); sft: "
-                                                   "padding-free packing at train time (default on).")
+                                                   "several examples per row of at most cutoff_len tokens, packed "
+                                                   "at train time by best-fit decreasing, no cross-example "
+                                                   "attention (default on; per_device_train_batch_size then "
+                                                   "counts rows).")
+    # How the stage is launched (stages/dag.py writes the command into dvc.yaml; docs/stages.md "Scaling out").
+    launcher: Literal["none", "torchrun", "accelerate"] = Field(
+        "none", description="none: one process (`python -m stages.train`); torchrun or accelerate: "
+                            "`torchrun ...` / `accelerate launch ...` with the keys below (gloo on CPU, nccl on GPU).")
+    nproc_per_node: int = Field(1, gt=0, description="Processes per machine (one per GPU) under a launcher "
+                                                     "(LF: NPROC_PER_NODE).")
+    nnodes: int = Field(1, gt=0, description="Machines taking part (LF: NNODES); each sets its rank with "
+                                             "PET_NODE_RANK (torchrun) or machine_rank in the accelerate config.")
+    master_addr: str | None = Field(None, description="Address of the rank-0 machine when nnodes > 1 "
+                                                      "(LF: MASTER_ADDR), passed to the launcher.")
+    master_port: int | None = Field(None, gt=0, lt=65536, description="Rendezvous port (LF: MASTER_PORT), passed "
+                                                                       "to the launcher; None = its default.")
+    deepspeed: str | None = Field(None, description="DeepSpeed config JSON (path relative to the project root, "
+                                                    "e.g. LF's ds_z2_config.json), handed to the trainer; needs a "
+                                                    "launcher and the deepspeed package.")
+    config_file: str | None = Field(None, description="accelerate config file (FSDP / FSDP2 / DeepSpeed / "
+                                                      "MULTI_CPU) for launcher: accelerate (`accelerate launch "
+                                                      "--config_file`).")
+    # Model loading and kernels (tunepipe/models/loading.py)
+    quantization_bit: Literal[4, 8] | None = Field(None, description="QLoRA: load the stage's input model "
+                                                                      "quantized to 4 or 8 bits (LoRA only); the "
+                                                                      "merge still goes into the unquantized "
+                                                                      "weights.")
+    quantization_method: Literal["bnb"] = Field("bnb", description="Quantization backend: bnb (bitsandbytes; "
+                                                                   "4-bit NF4 with double quantization, or 8-bit).")
+    flash_attn: Literal["auto", "disabled", "sdpa", "eager", "fa2"] = Field(
+        "auto", description="Attention kernel for training and evaluation: auto (FlashAttention-2 when installed "
+                            "on a GPU, else sdpa), sdpa, eager (= LF's disabled) or fa2 (refused where it cannot "
+                            "run).")
+    enable_liger_kernel: bool = Field(False, description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
+                                                         "linear cross-entropy) for training and evaluation; needs "
+                                                         "a CUDA GPU and liger-kernel.")
+    torch_compile: bool = Field(False, description="torch.compile the model for training (transformers' "
+                                                   "torch_compile); pays off on long GPU runs only.")
 
 
 class PreferenceParams(Section):

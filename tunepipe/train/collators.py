@@ -3,12 +3,13 @@
 The prepare stage writes LLaMA-Factory's exact columns; the tokens and label masks there are the contract, so the
 collators consume them as they are:
 
-- `PaddingFreeCollator` (sft, `packing: true`): the examples of a batch are laid side by side without padding, the
-  position ids restart at 0 for every example, and no attention mask is passed. transformers (>= 4.54, here 5.23)
-  then detects the packed rows from the position ids and builds a block-diagonal causal mask for sdpa/eager (flash
-  attention uses the same position ids), so an example never attends to its neighbour: the loss and the gradient
-  are those of the padded batch, without computing the padding. Checked in tests/test_training.py
-  (`test_packing_is_contamination_free`).
+- `PackedRowsCollator` (sft, `packing: true`): rows of several examples (packed by best-fit decreasing,
+  tunepipe.train.packing) laid out by `PaddingFreeCollator`: the position ids restart at 0 for every example, and
+  no attention mask is passed. transformers (>= 4.54, here 5.23) then detects the packed rows from the position
+  ids and builds a block-diagonal causal mask for sdpa/eager (FlashAttention gets the boundaries as cu_seqlens), so
+  an example never attends to its neighbour: the loss and the gradient are those of the same examples padded,
+  without computing the padding. Checked in tests/test_training.py (`test_packing_is_contamination_free`) and
+  tests/test_packing.py.
 - `PreferenceCollator` (DPO): DPOTrainer 1.16 tokenizes `prompt/chosen/rejected` text and its collator rebuilds
   `prompt_ids + chosen_ids`; we collate `chosen_input_ids` / `rejected_input_ids` directly into its batch layout
   (`input_ids` = [chosen..., rejected...], `attention_mask`, `completion_mask`), with `completion_mask = labels !=
@@ -96,7 +97,7 @@ class PaddedCollator:
 
 @dataclass
 class PaddingFreeCollator:
-    """Padding-free packing of a batch: examples laid side by side, position ids restarting at 0 per example, no
+    """Padding-free packing of a batch of examples: laid side by side, position ids restarting at 0 per example, no
     attention mask (transformers derives the block-diagonal causal mask from the position ids).
 
     The tensors are those of transformers' `DataCollatorWithFlattening`: the first label of every example becomes
@@ -104,41 +105,29 @@ class PaddingFreeCollator:
     either: the loss is shifted). Two additions:
 
     - `max_row_tokens`: with sdpa/eager the packed mask is dense, so one row of B*L tokens costs (B*L)^2 attention.
-      The batch is therefore spread over the fewest rows of at most `max(max_row_tokens, longest example)` tokens,
-      balanced (longest example first into the emptiest row); rows are topped up with a pad block that has its own
-      positions (so it is a separate sequence) and label -100. None = one row (the FlashAttention layout).
-    - token accounting (`counter`) and, for FlashAttention, the cu_seqlens kwargs.
+      The batch is therefore packed into rows of at most `max(max_row_tokens, longest example)` tokens by
+      best-fit decreasing; rows are topped up with a pad block that has its own positions (so it is a separate
+      sequence) and label -100. None = one row (the FlashAttention layout).
+    - token accounting (COUNTS_KEY) and, for FlashAttention, the cu_seqlens kwargs.
     """
 
     pad_token_id: int = 0
     max_row_tokens: int | None = None
     return_flash_attn_kwargs: bool = False
 
-    def _rows(self, lengths: list[int]) -> list[list[int]]:
-        total = sum(lengths)
-        if self.max_row_tokens is None:
-            return [list(range(len(lengths)))]
-        longest = max(lengths)
-        capacity = max(self.max_row_tokens, longest)
-        order = sorted(range(len(lengths)), key=lambda k: (-lengths[k], k))
-        best: tuple[int, list[list[int]]] | None = None  # (rows x width, rows)
-        for n_rows in range(-(-total // capacity), len(lengths) + 1):
-            if best is not None and n_rows * longest >= best[0]:
-                break  # no layout with more rows can compute fewer positions
-            rows: list[list[int]] = [[] for _ in range(n_rows)]
-            fill = [0] * n_rows
-            for i in order:  # longest first into the emptiest row
-                r = min(range(n_rows), key=lambda k: (fill[k], k))
-                rows[r].append(i)
-                fill[r] += lengths[i]
-            if max(fill) <= capacity and (best is None or n_rows * max(fill) < best[0]):
-                best = (n_rows * max(fill), [sorted(r) for r in rows])
-        assert best is not None  # one example per row always fits
-        return best[1]
-
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from tunepipe.train.packing import best_fit_decreasing
+
         lengths = [len(f["input_ids"]) for f in features]
-        rows = self._rows(lengths)
+        if self.max_row_tokens is None:
+            rows = [list(range(len(features)))]
+        else:
+            rows = [sorted(r) for r in best_fit_decreasing(lengths, max(self.max_row_tokens, max(lengths)))]
+        return self.layout(features, rows)
+
+    def layout(self, features: list[dict[str, Any]], rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """The batch tensors for `features` laid out in `rows` (lists of indices into features)."""
+        lengths = [len(f["input_ids"]) for f in features]
         ids, labels, positions = [], [], []
         cu_seqlens = [0]
         label_tokens = 0
@@ -173,6 +162,41 @@ class PaddingFreeCollator:
             batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(cu_seqlens, dtype=torch.int32)
             batch["max_length_q"] = batch["max_length_k"] = max(lengths)
         return batch
+
+
+@dataclass
+class PackedRowsCollator:
+    """Batches of rows packed by best-fit decreasing (tunepipe.train.packing.PackedRows: each feature is the list
+    of one row's examples) -> padding-free tensors.
+
+    - sdpa / eager: one tensor row per packed row, padded to the batch's fullest row (rows are ~99% full);
+    - `varlen` (FlashAttention): every example of the batch in a single row with cu_seqlens: no padding at all;
+    - `padded`: the same examples as ordinary right-padded rows, one per example. Not a training layout: it shows
+      that packing changes the layout, not the math (tests/test_packing.py compares the two runs).
+
+    A batch of plain examples (the held-out split, evaluated unpacked so its loss compares with an unpacked run)
+    is packed within the batch, in rows of at most `max_row_tokens`."""
+
+    pad_token_id: int = 0
+    varlen: bool = False
+    max_row_tokens: int | None = None
+    padded: bool = False
+
+    def __call__(self, features: list) -> dict[str, torch.Tensor]:
+        flat = PaddingFreeCollator(pad_token_id=self.pad_token_id, return_flash_attn_kwargs=self.varlen,
+                                   max_row_tokens=None if self.varlen else self.max_row_tokens)
+        if features and isinstance(features[0], dict):  # examples, not rows
+            return PaddedCollator(pad_token_id=self.pad_token_id)(features) if self.padded else flat(features)
+        examples = [example for row in features for example in row]
+        if self.padded:
+            return PaddedCollator(pad_token_id=self.pad_token_id)(examples)
+        if self.varlen:
+            return flat.layout(examples, [list(range(len(examples)))])
+        rows, start = [], 0
+        for row in features:
+            rows.append(list(range(start, start + len(row))))
+            start += len(row)
+        return flat.layout(examples, rows)
 
 
 @dataclass

@@ -77,6 +77,7 @@ class Run:
     fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
     resized_vocab: bool = False
+    quantization: str | None = None  # e.g. "4-bit bnb (nf4, double quant)" for QLoRA
 
     @property
     def stage(self) -> str:
@@ -124,6 +125,11 @@ def cpu_threads() -> int | None:
     return 1
 
 
+def quantization_note(train: TrainParams) -> str:
+    detail = " (nf4, double quantization)" if train.quantization_bit == 4 else ""
+    return f"{train.quantization_bit}-bit {train.quantization_method}{detail}"
+
+
 def load_training_tokenizer(path: str, inputs: TrainInputs):
     """The base tokenizer with the template's fix applied (EOS = the template's stop word, pad, chat template), the
     same object the prepare stage tokenized with; it is saved with the adapter."""
@@ -135,14 +141,17 @@ def load_training_tokenizer(path: str, inputs: TrainInputs):
     return tokenizer
 
 
-def load_model(path: str, tokenizer, *, dtype, trust_remote_code: bool = False):
-    """Load the stage's input model; grow the embeddings when the fixed tokenizer has more tokens than the model.
+def load_model(path: str, tokenizer, *, dtype, trust_remote_code: bool = False, attn_implementation: str | None = None,
+               quantization: Any = None, liger: bool = False):
+    """Load the stage's input model (quantized for QLoRA, with the chosen attention kernel and Liger kernels when
+    asked); grow the embeddings when the fixed tokenizer has more tokens than the model.
 
     Returns (model, names of the embedding modules that must be trained and saved: empty unless resized).
     """
     from tunepipe.models.loading import load_causal_lm
 
-    model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                           attn_implementation=attn_implementation, quantization=quantization, liger=liger)
     # Training needs no KV cache; and with one, transformers does not derive the packed-sequence (block-diagonal)
     # mask from position ids, so packed examples would attend to each other.
     model.config.use_cache = False
@@ -156,6 +165,39 @@ def load_model(path: str, tokenizer, *, dtype, trust_remote_code: bool = False):
                 "(saved with the adapter)", len(tokenizer), rows, model.get_input_embeddings().weight.shape[0],
                 ",".join(names))
     return model, names
+
+
+@dataclass
+class Backends:
+    """The loading options of a stage, resolved and checked before any data or model is loaded."""
+
+    attn_implementation: str  # transformers' name: sdpa | eager | flash_attention_2
+    quantization: Any  # a BitsAndBytesConfig, or None
+    liger: bool
+
+
+def check_backends(inputs: TrainInputs) -> Backends:
+    """Refuse, in one line and before any work, what this machine cannot run: fa2 or Liger without CUDA, a
+    quantization backend that cannot run, QLoRA with full fine-tuning, a DeepSpeed/accelerate config that is
+    missing or whose package is absent."""
+    import importlib.util
+
+    from tunepipe.models.loading import attention_implementation, check_liger, quantization_config
+
+    t = inputs.train
+    attn = attention_implementation(t.flash_attn)
+    check_liger(t.enable_liger_kernel)
+    if t.quantization_bit is not None and inputs.lora.finetuning_type == "full":
+        raise ConfigError("quantization_bit trains LoRA adapters on a quantized model (QLoRA): it cannot be used "
+                          "with finetuning_type: full", key=f"stages.{inputs.stage}.quantization_bit")
+    quantization = quantization_config(t.quantization_bit, t.quantization_method)
+    for key, path in (("deepspeed", t.deepspeed), ("config_file", t.config_file)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{key}: {path} not found (a path relative to the project root)", key=key)
+    if t.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"deepspeed: {t.deepspeed} needs the deepspeed package, which is not installed here "
+                          "(pip install deepspeed)", key="deepspeed")
+    return Backends(attn_implementation=attn, quantization=quantization, liger=t.enable_liger_kernel)
 
 
 def load_datasets(data_dir: Path, stage: str):
@@ -209,6 +251,8 @@ def training_arguments(run: Run, has_eval: bool, device: dict[str, Any]) -> Any:
         include_num_input_tokens_seen="no",
         ddp_find_unused_parameters=False,
         activation_checkpointing_kwargs={"use_reentrant": False} if device["activation_checkpointing"] else None,
+        deepspeed=t.deepspeed,
+        torch_compile=t.torch_compile,
         **device,
     )
     cutoff = run.inputs.cutoff_len
@@ -248,15 +292,12 @@ def make_collator(run: Run, tokenizer, model, train_columns: list[str]):
     if run.kind == "sft" and "position_ids" in train_columns:
         run.notes.append("sft data packed by prepare (neat_packing): examples isolated by their position ids")
         return tc.PrepackedCollator(pad_token_id=pad)
-    if run.kind == "sft" and run.train.packing is not False:
-        attn = getattr(model.config, "_attn_implementation", None) or "eager"
-        if attn in PACKING_ATTENTION:
-            flash = attn.startswith("flash_attention")
-            # sdpa/eager build a dense (rows x L x L) mask: rows of at most cutoff_len keep its cost bounded
-            run.notes.append(f"sft packing: padding-free, position ids restart per example ({attn})")
-            return tc.PaddingFreeCollator(pad_token_id=pad, return_flash_attn_kwargs=flash,
-                                          max_row_tokens=None if flash else run.inputs.cutoff_len)
-        log.warning("packing: attention %r cannot isolate packed examples; using padded batches", attn)
+    if run.kind == "sft" and packs(run, model):
+        varlen = attention_of(model).startswith("flash_attention")
+        # sdpa/eager build a dense (rows x L x L) block-diagonal mask; FlashAttention reads the boundaries
+        run.notes.append(f"sft packing: rows of <= {run.inputs.cutoff_len} tokens by best-fit decreasing, position "
+                         f"ids restart per example ({attention_of(model)}{', one varlen row' if varlen else ''})")
+        return tc.PackedRowsCollator(pad_token_id=pad, varlen=varlen, max_row_tokens=run.inputs.cutoff_len)
     if run.kind in ("clm", "sft"):
         return tc.PaddedCollator(pad_token_id=pad)
     if run.kind == "dpo":
@@ -264,6 +305,20 @@ def make_collator(run: Run, tokenizer, model, train_columns: list[str]):
     if run.kind == "kto":
         return tc.KTOCollator(pad_token_id=pad)
     return tc.PairedCollator(pad_token_id=pad)
+
+
+def attention_of(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def packs(run: Run, model) -> bool:
+    """sft packs at train time unless `packing: false`, or the attention kernel cannot isolate packed examples."""
+    if run.kind != "sft" or run.train.packing is False:
+        return False
+    if attention_of(model) in PACKING_ATTENTION:
+        return True
+    log.warning("packing: attention %r cannot isolate packed examples; using padded batches", attention_of(model))
+    return False
 
 
 def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) -> Run:
@@ -274,8 +329,9 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
 
     from tunepipe.train import trainers as tt
     from tunepipe.train.callbacks import LossCurveCallback, ProgressCallback
-    from tunepipe.train.collators import TokenCounter
+    from tunepipe.train.collators import PackedRowsCollator, TokenCounter
     from tunepipe.train.lora import describe, lora_config
+    from tunepipe.train.packing import pack_dataset
     from tunepipe.train.resume import run_fingerprint, resolve_resume
 
     stage = inputs.stage
@@ -283,6 +339,7 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
     if run.kind == "kto" and run.train.per_device_train_batch_size < 2:
         raise ConfigError("KTO estimates its KL term across the examples of a batch: use a batch size of 2 or more",
                           key=f"stages.{stage}.per_device_train_batch_size")
+    backends = check_backends(inputs)  # before any work: what this machine cannot run is refused here
     state = PartialState()
     device = device_settings(run.train)
     if cpu_threads():
@@ -293,8 +350,19 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
     full = run.lora.finetuning_type == "full"
     dtype = torch.bfloat16 if device["bf16"] and not full else torch.float32
     model, grown = load_model(paths.input_model, tokenizer, dtype=dtype,
-                              trust_remote_code=inputs.trust_remote_code)
+                              trust_remote_code=inputs.trust_remote_code,
+                              attn_implementation=backends.attn_implementation,
+                              quantization=backends.quantization, liger=backends.liger)
     run.resized_vocab = bool(grown)
+    run.quantization = quantization_note(run.train) if backends.quantization is not None else None
+    if run.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        # LF's (and PEFT's) QLoRA preparation: norms and head in fp32, input grads for checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device["activation_checkpointing"])
+        run.notes.append(f"QLoRA: input model loaded {run.quantization}; the merge uses its unquantized weights")
+    if backends.liger:
+        run.notes.append("Liger kernels applied")
     peft_config = None
     if not full:
         peft_config = lora_config(run.lora, grown, tied=bool(model.config.get_text_config().tie_word_embeddings))
@@ -311,6 +379,10 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
     args = training_arguments(run, eval_ds is not None, device)
     run.counter = TokenCounter()
     collator = make_collator(run, tokenizer, model, train_ds.column_names)
+    if isinstance(collator, PackedRowsCollator):
+        train_ds = pack_dataset(train_ds, inputs.cutoff_len)  # the trainer samples rows; eval stays per example
+        run.notes.append(f"{len(train_ds.examples)} examples in {len(train_ds)} rows, "
+                         f"{100 * train_ds.fill():.1f}% full")
     run.progress = ProgressCallback(stage, run.counter)
     run.curve = LossCurveCallback()
     all_callbacks = [run.progress, run.curve, *callbacks]
@@ -444,6 +516,7 @@ def save(run: Run, metrics: dict[str, Any]) -> None:
             "tokenizer": run.paths.tokenizer,
             "template": run.inputs.template["template"],
             "resized_vocab": run.resized_vocab,
+            "quantization": run.quantization,  # trained on a quantized model (QLoRA); merged into full weights
             "fingerprint": run.fingerprint,
             "steps": metrics.get("steps"),
             "weights": weights,

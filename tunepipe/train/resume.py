@@ -62,7 +62,10 @@ def run_fingerprint(inputs, paths) -> dict[str, Any]:
     import trl
 
     values = inputs.model_dump(mode="json")
-    for key in ("logging_steps", "save_steps", "save_total_limit"):
+    # Bookkeeping and how the processes are started do not change the trajectory (the number of processes, which
+    # does, is `world_size`); a DeepSpeed / accelerate config does (and its checkpoints' format), so it stays.
+    for key in ("logging_steps", "save_steps", "save_total_limit", "launcher", "nproc_per_node", "nnodes",
+                "master_addr", "master_port"):
         values["train"].pop(key, None)
     return {
         "inputs": values,
@@ -71,6 +74,8 @@ def run_fingerprint(inputs, paths) -> dict[str, Any]:
         "tokenizer": hash_tree(paths.tokenizer),
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "launch_configs": {key: hash_tree(path) for key in ("deepspeed", "config_file")
+                           if (path := values["train"].get(key))},
     }
 
 

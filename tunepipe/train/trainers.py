@@ -48,7 +48,19 @@ def _make_trainers():
     from trl.experimental.orpo import ORPOTrainer
 
     class TokenCountingTrainer(CountTokensMixin, Trainer):
-        """transformers Trainer (cpt, sft) + token accounting."""
+        """transformers Trainer (cpt, sft) + token accounting; packed sft rows get the length-grouped sampler."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            from tunepipe.train.packing import PackedRows, PackedRowsSampler
+
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if isinstance(dataset, PackedRows):
+                args = self.args
+                global_batch = args.per_device_train_batch_size * max(1, args.world_size) * \
+                    args.gradient_accumulation_steps
+                return PackedRowsSampler(dataset.row_lengths(), global_batch,
+                                         seed=args.data_seed if args.data_seed is not None else args.seed)
+            return super()._get_train_sampler(train_dataset)
 
     class PretokenizedDPOTrainer(CountTokensMixin, DPOTrainer):
         """DPOTrainer on LF pairwise features (see PreferenceCollator); everything else is TRL's."""
