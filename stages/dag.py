@@ -96,6 +96,51 @@ def dataset_files(root: Path, dataset_dir: str, names: list[str]) -> list[str]:
     return sorted(set(files))
 
 
+def train_command(stage: str, train) -> str:
+    """The train stage's command: `python -m stages.train <stage>`, or that module under torchrun / accelerate
+    launch with the stage's launcher keys (tunepipe.config.TrainParams). Every process runs the same trainer
+    (gloo on CPU, nccl on GPU); only rank 0 writes. Multi-machine runs: each machine sets its own rank
+    (PET_NODE_RANK for torchrun, machine_rank in its accelerate config)."""
+    import shlex
+
+    from tunepipe.errors import ConfigError
+
+    key = f"stages.{stage}"
+    module = f"-m stages.train {stage}"
+    if train.config_file is not None and train.launcher != "accelerate":
+        raise ConfigError("config_file is an accelerate config: set launcher: accelerate", key=f"{key}.config_file")
+    if train.launcher == "none":
+        extra = [name for name in ("nproc_per_node", "nnodes", "master_addr", "master_port")
+                 if getattr(train, name) not in (None, 1)]
+        if extra:
+            raise ConfigError(f"{', '.join(extra)} need a launcher: set launcher: torchrun or accelerate",
+                              key=f"{key}.launcher")
+        return f"python {module}"
+    if train.launcher == "torchrun":
+        parts = ["torchrun"]
+        if train.nnodes is not None:
+            parts.append(f"--nnodes {train.nnodes}")
+        if train.nproc_per_node is not None:
+            parts.append(f"--nproc-per-node {train.nproc_per_node}")
+        if train.master_addr is not None:
+            parts.append(f"--master-addr {shlex.quote(train.master_addr)}")
+        if train.master_port is not None:
+            parts.append(f"--master-port {train.master_port}")
+        return " ".join([*parts, module])
+    parts = ["accelerate launch"]
+    if train.config_file is not None:
+        parts.append(f"--config_file {shlex.quote(train.config_file)}")
+    if train.nproc_per_node is not None:  # accelerate counts processes over all machines
+        parts.append(f"--num_processes {train.nproc_per_node * (train.nnodes or 1)}")
+    if train.nnodes is not None:
+        parts.append(f"--num_machines {train.nnodes}")
+    if train.master_addr is not None:
+        parts.append(f"--main_process_ip {shlex.quote(train.master_addr)}")
+    if train.master_port is not None:
+        parts.append(f"--main_process_port {train.master_port}")
+    return " ".join([*parts, module])
+
+
 def build(root: Path, params) -> dict[str, Any]:
     """The dvc.yaml document for `params`."""
     from tunepipe.config import TINY
@@ -135,9 +180,11 @@ def build(root: Path, params) -> dict[str, Any]:
                 "meta": {"artifacts": [f"outputs/data/{stage}/health.json"]},
             }
         elif step == "train":
+            launch_configs = [_relative(root, root / p) for p in (spec.train.deepspeed, spec.train.config_file) if p]
             stages[name] = {
-                "cmd": f"python -m stages.train {stage}", "params": values(name),
-                "deps": [*code.files("stages.train"), f"outputs/data/{stage}", base, model_of(spec.previous)],
+                "cmd": train_command(stage, spec.train), "params": values(name),
+                "deps": [*code.files("stages.train"), f"outputs/data/{stage}", base, model_of(spec.previous),
+                         *launch_configs],
                 "outs": [f"outputs/adapters/{stage}"],
                 "metrics": [{f"metrics/train_{stage}.json": {"cache": False}}],
                 "plots": [{f"plots/loss_{stage}.csv": {"cache": False, "x": "step", "y": "loss"}},

@@ -80,7 +80,8 @@ def main(argv: list[str]) -> None:
                             pref_stage=spec.preference, beta=spec.pref_beta)
     results, samples = evaluate(models, tokenizer, data, settings, eos_ids=template.stop_token_ids(tokenizer),
                                 inputs=dict(spec.stages),
-                                load=lambda path: load_model(path, trust_remote_code=trust))
+                                load=lambda path: load_model(path, trust_remote_code=trust, flash_attn=spec.flash_attn,
+                                                             liger=spec.enable_liger_kernel))
     atomic_write_text(common.metrics_file("evaluate"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(common.METRICS / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
     print(format_table(results, list(models)), file=sys.stderr)

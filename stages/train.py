@@ -3,6 +3,9 @@
     python -m stages.train cpt|sft|dpo|kto
     accelerate launch -m stages.train sft          # or: torchrun --nproc-per-node 8 -m stages.train sft
 
+dvc.yaml carries the command that params.yaml's launcher keys ask for (stages/dag.py `train_command`). Under a
+launcher every process runs this module; only rank 0 opens the stage's MLflow run and writes files.
+
 Reads  its plan section (effective train:, lora:, preference and template values), outputs/data/<stage>/, the input
        model (outputs/models/<previous> or the base model) and the base tokenizer.
 Writes outputs/adapters/<stage>/     adapter_model.safetensors + adapter_config.json + tokenizer (atomic)
@@ -50,5 +53,10 @@ def main(argv: list[str]) -> None:
     recipe.save(run, metrics)
 
 
+def rank_zero() -> bool:
+    """The main process of a torchrun / accelerate launch (RANK is the global rank both launchers export)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 if __name__ == "__main__":
-    common.run(main, common.stage_argument("train", STAGES), track=True)
+    common.run(main, common.stage_argument("train", STAGES), track=rank_zero())

@@ -73,16 +73,21 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def pipeline_project(tmp_path_factory, prefect_harness):
     """A temp copy of the project (git + dvc init, pre-migrated MLflow store) with a tiny training budget."""
+    yield make_project(tmp_path_factory)
+
+
+def make_project(tmp_path_factory, extra: dict | None = None, label: str = "project") -> Path:
+    """A temp copy of the project with TINY_PARAMS (deep-updated with `extra`), git + dvc init, MLflow store."""
     from tests.test_tracking import migrated_template
 
-    root = tmp_path_factory.mktemp("project")
+    root = tmp_path_factory.mktemp(label)
     for name in COPY:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, root / name)
-    params = deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY_PARAMS)
+    params = deep_update(deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY_PARAMS), extra or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(migrated_template(tmp_path_factory), root / "mlflow.db")
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -93,7 +98,7 @@ def pipeline_project(tmp_path_factory, prefect_harness):
         subprocess.run(command, cwd=root, check=True, env=env, capture_output=True)
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the project's own store: <root>/mlflow.db
-    yield root
+    return root
 
 
 

@@ -117,10 +117,12 @@ class TrainParams(Section):
     launcher: Literal["none", "torchrun", "accelerate"] = Field(
         "none", description="none: one process (`python -m stages.train`); torchrun or accelerate: "
                             "`torchrun ...` / `accelerate launch ...` with the keys below (gloo on CPU, nccl on GPU).")
-    nproc_per_node: int = Field(1, gt=0, description="Processes per machine (one per GPU) under a launcher "
-                                                     "(LF: NPROC_PER_NODE).")
-    nnodes: int = Field(1, gt=0, description="Machines taking part (LF: NNODES); each sets its rank with "
-                                             "PET_NODE_RANK (torchrun) or machine_rank in the accelerate config.")
+    nproc_per_node: int | None = Field(None, gt=0, description="Processes per machine (one per GPU) under a "
+                                                               "launcher (LF: NPROC_PER_NODE); None = the "
+                                                               "launcher's default (1, or the accelerate config's).")
+    nnodes: int | None = Field(None, gt=0, description="Machines taking part (LF: NNODES); each machine sets its "
+                                                       "rank itself (PET_NODE_RANK for torchrun, machine_rank in "
+                                                       "its accelerate config). None = one.")
     master_addr: str | None = Field(None, description="Address of the rank-0 machine when nnodes > 1 "
                                                       "(LF: MASTER_ADDR), passed to the launcher.")
     master_port: int | None = Field(None, gt=0, lt=65536, description="Rendezvous port (LF: MASTER_PORT), passed "
@@ -283,7 +285,9 @@ class Params(Section):
                         neat_packing=stage.neat_packing, train_on_prompt=stage.train_on_prompt,
                         mask_history=stage.mask_history, max_samples=d.max_samples, mix_strategy=d.mix_strategy,
                         val_size=d.val_size if not stage.eval_dataset else 0.0, seed=d.seed,
-                        preprocessing_batch_size=d.preprocessing_batch_size, tool_format=d.tool_format,
+                        preprocessing_batch_size=d.preprocessing_batch_size,
+                        preprocessing_num_workers=d.preprocessing_num_workers, streaming=d.streaming,
+                        tool_format=d.tool_format,
                         default_system=d.default_system, allow_scripts=d.allow_scripts,
                         skip_bad_rows=d.skip_bad_rows, overlength=d.overlength)
 

@@ -292,10 +292,13 @@ def evaluate(models: dict[str, Any], tokenizer: Any, data: EvalData, settings: E
     return out, samples
 
 
-def load_model(path: str, *, trust_remote_code: bool = False) -> Any:
-    """fp32 on CPU (exact, small models); the checkpoint's dtype on a GPU, moved there."""
+def load_model(path: str, *, trust_remote_code: bool = False, flash_attn: str = "auto", liger: bool = False) -> Any:
+    """fp32 on CPU (exact, small models); the checkpoint's dtype on a GPU, moved there; the attention kernel and
+    Liger kernels of params' flash_attn / enable_liger_kernel (checked before loading)."""
     import torch
 
-    from tunepipe.models.loading import load_causal_lm
+    from tunepipe.models.loading import attention_implementation, check_liger, load_causal_lm
 
-    return load_causal_lm(path, trust_remote_code=trust_remote_code).to("cuda" if torch.cuda.is_available() else "cpu")
+    check_liger(liger)
+    return load_causal_lm(path, trust_remote_code=trust_remote_code, attn_implementation=attention_implementation(
+        flash_attn), liger=liger).to("cuda" if torch.cuda.is_available() else "cpu")

@@ -81,6 +81,8 @@ class EvaluateInputs(Section):
     preference: str | None = Field(description="The preference stage (dpo or kto), if any.")
     pref_beta: float = Field(description="Beta of the preference stage's implicit reward.")
     eval_batch_size: int = Field(description="Batch size for scoring.")
+    flash_attn: str = Field(description="Attention kernel for scoring (train: flash_attn).")
+    enable_liger_kernel: bool = Field(description="Liger kernels for scoring (train: enable_liger_kernel).")
     evaluate: EvaluateParams = Field(description="The evaluate: section.")
     trust_remote_code: bool = Field(description="Allow the model's own code.")
 
@@ -141,7 +143,8 @@ def evaluate_inputs(params: Params) -> EvaluateInputs:
         sft=prepare_inputs(params, "sft") if "sft" in enabled else None,
         template=_template(asdict(params.data_args("sft"))),
         preference=pref, pref_beta=params.stage(pref).pref_beta if pref else 0.1,
-        eval_batch_size=params.train.per_device_eval_batch_size, evaluate=params.evaluate,
+        eval_batch_size=params.train.per_device_eval_batch_size, flash_attn=params.train.flash_attn,
+        enable_liger_kernel=params.train.enable_liger_kernel, evaluate=params.evaluate,
         trust_remote_code=params.model.trust_remote_code)
 
 

@@ -48,6 +48,10 @@ class DataArgs:
     seed: int = _help("Seed for num_samples, interleaving and the validation split (LF's training seed).", 42)
     preprocessing_batch_size: int = _help("Rows per processing batch (LF: packing and KTO pairing are per batch).",
                                           1000)
+    preprocessing_num_workers: int | None = _help("Worker processes; the rows are cut into that many contiguous "
+                                                  "shards, batched within each (LF's datasets.map(num_proc)).")
+    streaming: bool = _help("pt: read and tokenize the corpus batch by batch and hand the blocks over as they are "
+                            "made (memory flat in the corpus size); same tokens as without.", False)
     tool_format: str | None = _help("Override the template's tool/function-call format (default, qwen, ...).")
     default_system: str | None = _help("Override the template's default system prompt ('' = none).")
     enable_thinking: bool | None = _help("Reasoning templates: True trains the empty <think> block, False strips "

@@ -6,10 +6,15 @@ torch / transformers are imported inside the functions: the CLI imports this mod
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from tunepipe.errors import ConfigError
+
+# bitsandbytes (imported by PEFT whenever it is installed) warns on every import that it cannot download an optional
+# CPU kernel from the hub; nothing is downloaded here, and its own torch kernels are used instead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):

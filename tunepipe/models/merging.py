@@ -305,9 +305,22 @@ def load_adapter_model(input_model: str | Path, adapter_dir: str | Path, *, toke
     from peft import PeftModel
 
     base = load_causal_lm(input_model, trust_remote_code=trust_remote_code, dtype=dtype)
+    if getattr(base, "is_quantized", False) or getattr(base.config, "quantization_config", None):
+        # QLoRA trains on a quantized copy; merging into rounded weights would bake the rounding into the model
+        raise MergeError(f"{input_model} is a quantized checkpoint: the adapter is merged into unquantized "
+                         "(bf16/fp32) weights only; point the stage at the unquantized model")
     if tokenizer is not None and len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
+
+
+def trained_quantization(adapter_dir: str | Path) -> str | None:
+    """How the adapter's training loaded its base (e.g. "4-bit bnb (nf4, double quantization)"), None = unquantized;
+    from the training stage's tunepipe_train.json."""
+    meta = Path(adapter_dir) / "tunepipe_train.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text(encoding="utf-8")).get("quantization")
 
 
 def merge_adapter(
@@ -392,6 +405,8 @@ def merge_adapter(
         }
         report = {
             "input_model": str(input_model), "adapter": str(adapter_dir), "finetuning_type": "full" if full else "lora",
+            # the adapter may have been trained on a quantized copy (QLoRA); the merge is always into these weights
+            "trained_quantized": trained_quantization(adapter_dir), "merged_into": f"unquantized {dtype_name}",
             "template": template.name, "dtype": dtype_name, "eos_token": tokenizer.eos_token, "eos_token_ids": eos,
             "pad_token_id": merged.generation_config.pad_token_id, "generation": generation,
             "first_template_mismatch": roundtrip["first_mismatch"], "metrics": metrics, **(provenance or {}),

@@ -6,4 +6,11 @@
     collators.py  prepared features -> the batch layout each trainer expects (+ token accounting)
     trainers.py   thin Trainer / TRL subclasses that consume those batches
     callbacks.py  the per-step progress line, the loss curve (CSV + PNG), simulated interruption
+    packing.py    sft rows by best-fit decreasing, the length-grouped row sampler
 """
+
+import logging
+
+# bitsandbytes (imported by PEFT / transformers whenever it is installed) warns at import that it cannot download
+# an optional CPU kernel from the hub; nothing is downloaded here, and its own torch kernels are used instead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -412,6 +412,9 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
             log.warning("pref_ftx=%s is ignored for kto (TRL's KTOTrainer has no SFT term)", inputs.preference.pref_ftx)
         run.trainer = cls(**kwargs)
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not run.trainer.is_fsdp_enabled:
+        run.notes.append("the accelerate config asks for FSDP, but FSDP is not used on CPU (accelerate shards on "
+                         "accelerators only): the processes train data parallel")
     run.trainer.token_counter = run.counter
     run.trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback prints one line
     model = run.trainer.model
@@ -423,7 +426,9 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
                  "full fine-tuning" if full else describe(peft_config), f"{trainable:,}", f"{total:,}",
                  100 * trainable / max(total, 1), len(train_ds), f" / eval {len(eval_ds)}" if eval_ds else "",
                  "resuming from " + run.resume_from if run.resume_from else "fresh start", device["bf16"],
-                 device["activation_checkpointing"], f"{state.num_processes} process(es)")
+                 device["activation_checkpointing"], f"{state.num_processes} process(es)" + "".join(
+                     f" ({name})" for name, on in (("FSDP", run.trainer.is_fsdp_enabled),
+                                                   ("DeepSpeed", run.trainer.is_deepspeed_enabled)) if on))
         for note in run.notes:
             log.info("[%s] %s", stage, note)
     return run
