@@ -426,3 +426,71 @@ def test_missing_data_is_a_one_line_error(tmp_path):
         training.load_datasets(tmp_path / "nothing", "sft")
     with pytest.raises(ConfigError, match="unknown stage 'rm'"):
         objective("rm")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantized LoRA (QLoRA) and kernels
+# ---------------------------------------------------------------------------------------------------------------
+def test_qlora_trains_on_4_bits_and_merges_into_the_unquantized_weights(tiny, data, tmp_path):
+    """bitsandbytes 0.50 runs on CPU: the input model is loaded in 4 bits (NF4) for training; the adapter says so,
+    and the merge goes into the unquantized fp32 weights, recording both."""
+    pytest.importorskip("bitsandbytes")
+    from tunepipe.data.features import DataArgs, load_template
+    from tunepipe.models import merging
+
+    metrics = training.run_stage(make_inputs("sft", max_steps=3, quantization_bit=4),
+                                 paths(tiny, data, tmp_path, "sft"))
+    assert metrics["steps"] == 3 and all(math.isfinite(x) for x in losses(tmp_path, "sft"))
+    adapter = tmp_path / "adapters" / "sft"
+    meta = json.loads((adapter / "tunepipe_train.json").read_text())
+    assert meta["quantization"] == "4-bit bnb (nf4, double quantization)"
+
+    tokenizer = load_tokenizer(tiny)
+    template = load_template(DataArgs(template="qwen"), load_tokenizer(tiny), stage="sft")
+    result = merging.merge_adapter(tiny, adapter, tmp_path / "merged", tokenizer=tokenizer, template=template,
+                                   conversations=merging.SYNTHETIC_CONVERSATIONS, max_new_tokens=4)
+    assert result.report["trained_quantized"] == meta["quantization"]
+    assert result.report["merged_into"] == "unquantized float32" and result.report["dtype"] == "float32"
+    assert result.metrics["max_logit_diff"] < 1e-4
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config  # a full-precision model, like any other stage's
+
+
+def test_qlora_merge_into_a_quantized_checkpoint_is_refused(tiny, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from tunepipe.models import merging
+    from tunepipe.models.loading import quantization_config
+
+    quantized = tmp_path / "quantized"
+    model = training.load_model(tiny, load_tokenizer(tiny), dtype=torch.float32, quantization=quantization_config(8))[0]
+    model.save_pretrained(str(quantized))
+    load_tokenizer(tiny).save_pretrained(str(quantized))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")  # refused before the adapter is read
+    with pytest.raises(merging.MergeError, match="quantized checkpoint: the adapter is merged into unquantized"):
+        merging.load_adapter_model(quantized, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"quantization_bit": 4, "lora": {"finetuning_type": "full"}}, "cannot be used with finetuning_type: full"),
+    ({"flash_attn": "fa2"}, "flash_attn: fa2 needs FlashAttention-2 on a CUDA GPU"),
+    ({"enable_liger_kernel": True}, "enable_liger_kernel: Liger's Triton kernels need a CUDA GPU"),
+])
+def test_what_this_machine_cannot_run_is_refused_before_any_work(tiny, tmp_path, values, message):
+    """One line, exit 2 from the stage, before data or model are loaded (the data dir here does not even exist)."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only refusals")
+    values = dict(values)
+    lora = values.pop("lora", None)
+    with pytest.raises(ConfigError, match=message) as err:
+        training.setup(make_inputs("sft", lora=lora, **values), paths(tiny, tmp_path, tmp_path, "sft"))
+    assert "\n" not in str(err.value) and err.value.exit_code == 2
+
+
+def test_attention_choice():
+    from tunepipe.models.loading import attention_implementation
+
+    assert attention_implementation("sdpa") == "sdpa"
+    assert attention_implementation("eager") == attention_implementation("disabled") == "eager"
+    if not torch.cuda.is_available():
+        assert attention_implementation("auto") == "sdpa"  # FlashAttention only with a GPU and flash_attn
