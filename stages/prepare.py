@@ -18,10 +18,8 @@ from tunepipe.config import STAGES
 
 
 def main(argv: list[str]) -> None:
-    from datasets import Dataset
-
     from tunepipe.data import health
-    from tunepipe.data.features import DataArgs, prepare
+    from tunepipe.data.features import DataArgs, prepare_to_disk
     from tunepipe.io import atomic_dir, atomic_write_text
     from tunepipe.models.loading import load_tokenizer
 
@@ -30,14 +28,10 @@ def main(argv: list[str]) -> None:
     common.work_begins(f"prepare-{spec.stage}")
     # Every stage tokenizes with the base model's tokenizer (merges save it unchanged, with the template applied).
     tokenizer = load_tokenizer(common.base_model_path(), trust_remote_code=spec.trust_remote_code)
-    prepared = prepare(spec.lf_stage, spec.dataset, args, tokenizer, eval_names=spec.eval_dataset)
-
-    report = health.report(spec.lf_stage, prepared.datasets, prepared.health, args.cutoff_len, prepared.notes,
-                           prepared.eval_health)
-    with atomic_dir(common.data_dir(spec.stage)) as tmp:
-        Dataset.from_dict(prepared.train).save_to_disk(str(tmp / "train"))
-        if prepared.eval is not None:
-            Dataset.from_dict(prepared.eval).save_to_disk(str(tmp / "eval"))
+    with atomic_dir(common.data_dir(spec.stage)) as tmp:  # streaming writes the features while it tokenizes
+        prepared = prepare_to_disk(spec.lf_stage, spec.dataset, args, tokenizer, tmp, eval_names=spec.eval_dataset)
+        report = health.report(spec.lf_stage, prepared.datasets, prepared.health, args.cutoff_len, prepared.notes,
+                               prepared.eval_health)
         (tmp / "health.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     headline = {k: report[k] for k in ("rows_in", "examples_out", "rows_dropped", "truncated", "zero_label",
                                        "tokens", "label_tokens")}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -166,6 +166,92 @@ def _mix(parts: list[list[Example]], args: DataArgs) -> list[Example]:
     return [parts[p][r] for p, r in zip(mixed["part"], mixed["row"])]
 
 
+def stream_examples(names: list[str], args: DataArgs, stage: str, rng, raws: dict[str, RawDataset]
+                    ) -> Iterator[Example]:
+    """The examples of the named datasets, concatenated, converted chunk by chunk from their memory-mapped Arrow
+    tables (`streaming`): the same examples as load_examples with mix_strategy concat, never all in memory. The
+    datasets are opened now (LF's order of num_samples draws); their rows are read as the iterator is consumed."""
+    from tunepipe.data.loading import iter_rows
+
+    unique = list(dict.fromkeys(names))
+    attrs = get_dataset_attrs(unique, args.dataset_dir)
+    check_stage(attrs, stage)
+    media_dir = Path(args.media_dir or args.dataset_dir)
+    lazy = [load_raw(attr, dataset_dir=args.dataset_dir, rng=rng, max_samples=args.max_samples,
+                     allow_scripts=args.allow_scripts, lazy=True) for attr in attrs]
+    for raw in lazy:
+        raws[raw.attr.name] = raw
+
+    def examples() -> Iterator[Example]:
+        for raw in lazy:
+            offset = 0
+            for part in iter_rows(raw, max(1, args.preprocessing_batch_size)):
+                for example in convert(part, media_dir=media_dir, skip_bad_rows=args.skip_bad_rows):
+                    example.position += offset  # index into the whole dataset, for `locate`
+                    yield example
+                offset += len(part.rows)
+
+    return examples()
+
+
+def prepare_to_disk(stage: str, names: str | list[str], args: DataArgs, tokenizer, out: Path, *,
+                    eval_names: str | list[str] | None = None) -> Prepared:
+    """`prepare`, with train/ and eval/ written under `out` (datasets.save_to_disk). With `streaming` the training
+    features go to an Arrow file batch by batch as they are made, so memory stays flat in the corpus size."""
+    from datasets import Dataset
+
+    if not args.streaming:
+        prepared = prepare(stage, names, args, tokenizer, eval_names=eval_names)
+        Dataset.from_dict(prepared.train).save_to_disk(str(out / "train"))
+    else:
+        from datasets.arrow_writer import ArrowWriter
+
+        staging = out / ".train.arrow"
+        with ArrowWriter(path=str(staging)) as writer:
+            prepared = prepare(stage, names, args, tokenizer, eval_names=eval_names,
+                               on_train_batch=lambda batch: writer.write_batch(batch) if batch else None)
+            writer.finalize()
+        train = Dataset.from_file(str(staging))  # memory-mapped: save_to_disk copies it in shards
+        # datasets derives a mapped file's fingerprint from its path; the output must not depend on where it was
+        # made (DVC hashes it), so the fingerprint is the file's content hash
+        train._fingerprint = _file_digest(staging)[:16]
+        train.save_to_disk(str(out / "train"))
+        del train
+        staging.unlink()
+    if prepared.eval is not None:
+        Dataset.from_dict(prepared.eval).save_to_disk(str(out / "eval"))
+    return prepared
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(2**22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _batched(examples: Iterable[Example], size: int) -> Iterator[list[Example]]:
+    batch: list[Example] = []
+    for example in examples:
+        batch.append(example)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _columns(batches: Iterable[dict[str, list]]) -> dict[str, list]:
+    columns: dict[str, list] = {}
+    for out in batches:
+        for key, values in out.items():
+            columns.setdefault(key, []).extend(values)
+    return columns
+
+
 def _split(examples: list[Example], args: DataArgs) -> tuple[list[Example], list[Example] | None]:
     """LF's split_dataset: `Dataset.train_test_split(test_size, seed)` on the converted rows."""
     if args.val_size <= 1e-6:
@@ -221,13 +307,20 @@ def prepare(stage: str, names: str | list[str], args: DataArgs, tokenizer, *,
         raise DataError("no dataset given")
     if eval_list and args.val_size > 1e-6:
         raise DataError("val_size cannot be used together with an eval dataset")
+    if args.streaming and (args.val_size > 1e-6 or (len(names) > 1 and args.mix_strategy != "concat")):
+        raise DataError("streaming reads the training data once, in order: use an eval dataset instead of "
+                        "val_size, and mix_strategy concat")
     template = load_template(args, tokenizer, stage=stage)
     rng = np.random.RandomState(args.seed)  # = LF's global numpy RNG after transformers.set_seed(seed)
     notes: list[str] = []
     raws: dict[str, RawDataset] = {}
-    examples = load_examples(names, args, stage, rng, notes, raws)
+    if args.streaming:
+        train_examples: Any = stream_examples(names, args, stage, rng, raws)
+        split_eval = None
+    else:
+        examples = load_examples(names, args, stage, rng, notes, raws)
+        train_examples, split_eval = _split(examples, args)
     eval_examples = load_examples(eval_list, args, stage, rng, notes, raws) if eval_list else None
-    train_examples, split_eval = _split(examples, args)
     eval_examples = eval_examples if eval_examples is not None else split_eval
 
     def locate(example: Example) -> tuple[str | None, int]:
@@ -235,16 +328,21 @@ def prepare(stage: str, names: str | list[str], args: DataArgs, tokenizer, *,
 
     options = args.processor_options()
     processor = Processor(stage, template, tokenizer, options)
+    workers = args.preprocessing_num_workers
+    if args.streaming:
+        batches = processor.stream(_batched(train_examples, options.preprocessing_batch_size), locate, workers)
+    else:
+        batches = processor.batches(train_examples, locate, workers)
     if on_train_batch is None:
-        train = processor.process(train_examples, locate)
+        train = _columns(batches)
     else:
         train = {}
-        for batch in processor.batches(train_examples, locate):
+        for batch in batches:
             on_train_batch(batch)
     eval_columns, eval_health = None, None
     if eval_examples is not None:
         eval_processor = Processor(eval_stage or stage, template, tokenizer, options)
-        eval_columns = eval_processor.process(eval_examples, locate)
+        eval_columns = eval_processor.process(eval_examples, locate, workers)
         eval_health = eval_processor.health
     if not processor.health.examples_out:
         reasons = ", ".join(f"{n} {r}" for r, n in processor.health.dropped.most_common()) or "no rows"

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,9 +39,10 @@ class RawDataset:
 
     attr: DatasetAttr
     rows: list[dict[str, Any]]
-    row_ids: list[int]  # index of each row in the concatenated source files (before num_samples/max_samples)
+    row_ids: Sequence[int]  # index of each row in the concatenated source files (before num_samples/max_samples)
     files: list[tuple[str, int]]  # (display path, first row id) for every source file, in order; [] for hub data
     columns: list[str]
+    table: Any = None  # streaming: the Arrow dataset the rows are read from in chunks (rows is then empty)
 
     def locate(self, position: int) -> tuple[str | None, int]:
         """(file, row-in-file) of the row at `position` in `rows`."""
@@ -267,6 +269,7 @@ def load_raw(
     max_samples: int | None = None,
     allow_scripts: bool = False,
     cache_dir: str | None = None,
+    lazy: bool = False,
 ) -> RawDataset:
     """Load one dataset's rows, then apply `num_samples` and `max_samples` with LF's semantics.
 
@@ -311,5 +314,21 @@ def load_raw(
         indices = indices[: min(max_samples, len(indices))]
     if attr.num_samples is not None or max_samples is not None:
         dataset = dataset.select(indices)
-    return RawDataset(attr=attr, rows=dataset.to_list(), row_ids=[int(i) for i in indices], files=files,
+    sampled = attr.num_samples is not None or max_samples is not None
+    row_ids = [int(i) for i in indices] if sampled else range(len(dataset))
+    if lazy:  # streaming: the rows stay in the (memory-mapped) Arrow table; `iter_rows` reads them in chunks
+        return RawDataset(attr=attr, rows=[], row_ids=row_ids, files=files, columns=list(dataset.column_names),
+                          table=dataset)
+    return RawDataset(attr=attr, rows=dataset.to_list(), row_ids=row_ids, files=files,
                       columns=list(dataset.column_names))
+
+
+def iter_rows(raw: RawDataset, chunk: int) -> Iterator[RawDataset]:
+    """A lazily loaded dataset (load_raw(lazy=True)) as RawDatasets of at most `chunk` rows each, in order; each
+    keeps the full `row_ids`, so `locate(offset + position)` names the file and row."""
+    offset = 0
+    for columns in raw.table.iter(batch_size=chunk):
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        yield RawDataset(attr=raw.attr, rows=rows, row_ids=raw.row_ids[offset:offset + len(rows)], files=raw.files,
+                         columns=raw.columns)
+        offset += len(rows)

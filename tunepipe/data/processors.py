@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import inspect
 from collections import Counter, defaultdict, deque
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -79,6 +79,15 @@ class Health:
     label_tokens: int = 0
     tokens: int = 0
     pad_tokens: int = 0  # padding added by packing
+
+    def merge(self, other: Health) -> None:
+        """Add another part's counts (a worker's shard, a streamed batch)."""
+        self.rows_in += other.rows_in
+        self.examples_out += other.examples_out
+        self.dropped.update(other.dropped)
+        for name in ("truncated", "lost_eos", "zero_label", "label_tokens", "tokens", "pad_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.lengths += other.lengths
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +217,52 @@ def greedy_knapsack(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def shards(n: int, count: int) -> list[tuple[int, int]]:
+    """(start, end) of `count` contiguous shards of n rows, as `datasets.Dataset.shard(contiguous=True)` cuts them
+    for `map(num_proc=count)`: the first n % count shards get one row more."""
+    div, mod = divmod(n, count)
+    bounds, start = [], 0
+    for index in range(count):
+        end = start + div + (1 if index < mod else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+_SHARDING: Any = None  # (processor, examples, shard bounds, locate) of the sharded run in progress (fork workers)
+
+
+def _process_shard(index: int) -> tuple[dict[str, list], Health]:
+    """One shard in a forked worker: a fresh copy of the processor's state, the shard's batches, its health."""
+    processor, examples, bounds, locate = _SHARDING
+    processor.health = Health()
+    start, end = bounds[index]
+    return processor.process(examples[start:end], locate), processor.health
+
+
+def _process_batch(batch: list[Example]) -> tuple[dict[str, list], Health]:
+    processor, _, _, locate = _SHARDING
+    processor.health = Health()
+    out = _columns_of(processor.stream([batch], locate))
+    return out, processor.health
+
+
+def _columns_of(outs: Iterable[dict[str, list]]) -> dict[str, list]:
+    columns: dict[str, list] = defaultdict(list)
+    for out in outs:
+        for key, values in out.items():
+            columns[key] += values
+    return dict(columns)
+
+
+def _bounded(batches: Iterable[list[Example]], slots) -> Iterator[list[Example]]:
+    """The batches, handed to imap no faster than the consumer takes results (imap itself would read the whole
+    stream into its task queue at once): `slots` is released once per result."""
+    for batch in batches:
+        slots.acquire()
+        yield batch
+
+
 class Processor:
     """Turns converted examples into feature columns for one stage."""
 
@@ -228,34 +283,78 @@ class Processor:
         self.health = Health()
 
     # -- driver --------------------------------------------------------------------------------------------------
-    def process(self, examples: list[Example], locate=None) -> dict[str, list]:
+    def process(self, examples: list[Example], locate=None, workers: int | None = None) -> dict[str, list]:
         """Process all examples in LF's map batches; returns LF's feature columns. `locate(example)` gives
-        (file, row) for error messages."""
-        columns: dict[str, list] = defaultdict(list)
-        for out in self.batches(examples, locate):
-            for key, values in out.items():
-                columns[key] += values
-        return dict(columns)
+        (file, row) for error messages. `workers` > 1: LF's `preprocessing_num_workers` (see `shards`)."""
+        return _columns_of(self.batches(examples, locate, workers))
 
-    def batches(self, examples: list[Example], locate=None) -> Iterator[dict[str, list]]:
+    def batches(self, examples: list[Example], locate=None, workers: int | None = None) -> Iterator[dict[str, list]]:
         """The feature columns of each batch, in order. While batch k is tokenized (worker thread), batch k+1 is
-        rendered; then batch k is assembled while batch k+1 is tokenized."""
+        rendered; then batch k is assembled while batch k+1 is tokenized. With `workers` > 1 the examples are cut
+        into that many contiguous shards, batched within each shard (LF's `datasets.map(num_proc=N)`: the batch
+        boundaries, hence pt blocks, sft packing and KTO pairs, depend on N) and the shards run in worker
+        processes."""
         size = self.opts.preprocessing_batch_size
-        starts = range(0, len(examples), size)
-        self.health.rows_in += len(examples)
+        if workers is not None and workers > 1 and len(examples) > 1:
+            yield from self._sharded(examples, locate, min(workers, len(examples)))
+            return
+        yield from self.stream((examples[start:start + size] for start in range(0, len(examples), size)), locate)
+
+    def stream(self, batches: Iterable[list[Example]], locate=None, workers: int | None = None
+               ) -> Iterator[dict[str, list]]:
+        """`batches` (lists of examples, e.g. read lazily from a corpus) -> their feature columns, in order. With
+        `workers` > 1 the batches are processed in that many worker processes, a few at a time, in order: the
+        batches are those of the stream (LF's streaming ignores num_proc too), so the output is the same."""
+        if workers is not None and workers > 1:
+            yield from self._parallel(batches, locate, workers)
+            return
         key = "chosen_input_ids" if self.stage == "dpo" else "input_ids"
         in_flight: deque[tuple[Generator | dict, _Pending | None]] = deque()
         with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
             try:
-                for i, start in enumerate(starts):
-                    in_flight.append(self._start_batch(examples[start : start + size], pool))
-                    while len(in_flight) > 1 or (in_flight and i == len(starts) - 1):
-                        out = self._finish_batch(in_flight.popleft())
-                        self.health.examples_out += len(out.get(key, []))
-                        yield out
+                for batch in batches:
+                    self.health.rows_in += len(batch)
+                    in_flight.append(self._start_batch(batch, pool))
+                    while len(in_flight) > 1:
+                        yield self._count(self._finish_batch(in_flight.popleft()), key)
+                while in_flight:
+                    yield self._count(self._finish_batch(in_flight.popleft()), key)
             except _LocatedRowError as err:
                 file, row = locate(err.example) if locate else (None, err.example.position)
                 raise err.error.located(dataset=err.example.dataset or None, file=file, row=row) from None
+
+    def _count(self, out: dict[str, list], key: str) -> dict[str, list]:
+        self.health.examples_out += len(out.get(key, []))
+        return out
+
+    def _parallel(self, batches: Iterable[list[Example]], locate, workers: int) -> Iterator[dict[str, list]]:
+        import multiprocessing
+        import threading
+
+        global _SHARDING
+        _SHARDING = (self, None, None, locate)
+        slots = threading.Semaphore(4 * workers)  # batches read ahead of the results: memory stays flat
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for columns, health in pool.imap(_process_batch, _bounded(batches, slots)):  # imap keeps the order
+                    slots.release()
+                    self.health.merge(health)
+                    yield columns
+        finally:
+            _SHARDING = None
+
+    def _sharded(self, examples: list[Example], locate, workers: int) -> Iterator[dict[str, list]]:
+        import multiprocessing
+
+        global _SHARDING
+        _SHARDING = (self, examples, shards(len(examples), workers), locate)  # inherited by the forked workers
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for columns, health in pool.imap(_process_shard, range(workers)):
+                    self.health.merge(health)
+                    yield columns
+        finally:
+            _SHARDING = None
 
     def _start_batch(self, batch: list[Example], pool: ThreadPoolExecutor) -> tuple[Generator | dict, _Pending | None]:
         work = getattr(self, f"_batch_{self.stage}")(batch)
