@@ -69,7 +69,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--default-system", default=None)
     ap.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--hf-cache", default=None, help="datasets cache dir (default: a fresh temp dir per run)")
+    ap.add_argument("--preprocessing-num-workers", type=int, default=None)
+    ap.add_argument("--digest", action="store_true", help="write {rows, tokens, sha256 of input_ids} to --out "
+                                                          "instead of every row (large corpora)")
     return ap.parse_args(argv)
+
+
+def token_digest(dataset: Any) -> dict[str, Any]:
+    """Rows, tokens and a sha256 over the input_ids of a datasets.Dataset, read in chunks (bench/preprocess.py
+    computes the same on tunepipe's output)."""
+    import hashlib
+
+    import numpy as np
+
+    digest, rows, tokens = hashlib.sha256(), 0, 0
+    for batch in dataset.select_columns(["input_ids"]).iter(batch_size=4096):
+        for ids in batch["input_ids"]:
+            array = np.asarray(ids, dtype=np.int64)
+            digest.update(array.tobytes())
+            rows += 1
+            tokens += len(array)
+    return {"rows": rows, "tokens": tokens, "sha256": digest.hexdigest()}
 
 
 def _set_env(cache_dir: str) -> None:
@@ -109,6 +129,7 @@ def train_config(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
         "mix_strategy": args.mix_strategy,
         "interleave_probs": args.interleave_probs,
         "preprocessing_batch_size": args.preprocessing_batch_size,
+        "preprocessing_num_workers": args.preprocessing_num_workers,
         "tool_format": args.tool_format,
         "default_system": args.default_system,
         "enable_thinking": args.enable_thinking,
@@ -154,6 +175,10 @@ def run(args: argparse.Namespace, scratch: str) -> int:
         first = dataset[0]["input_ids"]
         assert collator([{"input_ids": first}])["labels"][0].tolist() == [-100 if t == pad_id else t for t in first]
 
+    if args.digest:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(token_digest(dataset), fh)
+        return 0
     n_rows = 0
     columns = [c for c in dataset.column_names]
     with open(args.out, "w", encoding="utf-8") as fh:

@@ -1,7 +1,20 @@
-"""Preprocessing speed: tunepipe vs llamafactory==0.9.5 on ~50k SFT rows, same machine, same output.
+"""Preprocessing speed: tunepipe vs llamafactory==0.9.5 on ~50k SFT rows, same machine, same output; and a CPT
+corpus of ~1 GB of text: throughput and peak memory at two corpus sizes.
 
     bash bench/lf_venv.sh                 # once: LLaMA-Factory 0.9.5 in a side virtualenv (/work/lf-venv)
     .venv/bin/python bench/preprocess.py [--rows 50000] [--lf-venv /work/lf-venv] [--skip-lf]
+    .venv/bin/python bench/preprocess.py --cpt [--cpt-gb 0.25,1.0] [--workers 2] [--workdir /tmp/cpt-bench]
+
+CPT case (`--cpt`): a text corpus (one document per line: alpaca answers and the demo CPT texts, each made distinct
+with a row number) generated under the work dir at each size (never committed), the same 32k tokenizer, cutoff_len
+1024, LF's pt packing. tunepipe runs the prepare stage's own code (tunepipe.data.features.prepare_to_disk) with
+`streaming: true` and `preprocessing_num_workers: --workers`, writing the Arrow dataset; LLaMA-Factory runs its
+get_dataset (non-streaming: LF's streaming tokenizes during training instead, so there is nothing to time) with
+the same number of workers. Printed per size and side: wall seconds, corpus MB/s, peak memory (RSS of the process
+and its workers together, sampled every 0.1 s: shared pages of forked workers count once per process, so this
+overstates both sides a little). With `--check` the outputs are compared token for token (a sha256 over every
+block) against LF run with one worker: with several, LF cuts the rows into shards and batches within each (its
+datasets.map(num_proc)), a different block boundary; tunepipe's streaming keeps the batches of one stream.
 
 Data: 80% alpaca rows (LLaMA-Factory's alpaca_en_demo) and 20% tool-call conversations (glaive_toolcall_en_demo),
 each user and assistant message made distinct with a row number so no cache can skip work; qwen template; cutoff_len 1024; a 32k byte-level BPE
@@ -24,6 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 LF_DEMO = ROOT.parent / "shared" / "data" / "llamafactory-demo"
 
 
@@ -112,14 +126,130 @@ def compare(a: Path, b: Path) -> tuple[int, int, int]:
     return rows_a, rows_b, first_diff
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# CPT at scale
+# ---------------------------------------------------------------------------------------------------------------
+def make_corpus(folder: Path, gigabytes: float) -> int:
+    """folder/bench_cpt.txt of ~`gigabytes` (one document per line) + dataset_info.json; returns its size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bench_cpt.txt"
+    target = int(gigabytes * 1e9)
+    if not path.exists() or abs(path.stat().st_size - target) > target * 0.01:
+        texts = [row["output"].replace("\n", " ") for row in json.loads((LF_DEMO / "alpaca_en_demo.json").read_text())]
+        texts += [line.strip() for line in (ROOT / "data" / "demo_cpt.txt").read_text().splitlines() if line.strip()]
+        written, i = 0, 0
+        with path.open("w", encoding="utf-8") as fh:
+            while written < target:
+                line = f"{texts[i % len(texts)]} (#{i})\n"
+                fh.write(line)
+                written += len(line.encode())
+                i += 1
+    (folder / "dataset_info.json").write_text(json.dumps({"bench_cpt": {"file_name": "bench_cpt.txt",
+                                                                        "columns": {"prompt": "text"}}}))
+    return path.stat().st_size
+
+
+def measured(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, peak MB of the process tree's summed RSS) of one command."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    seconds = time.perf_counter() - start
+    err = proc.stderr.read()
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    return seconds, peak / 2**20
+
+
+def ours_cpt(data: str, tokenizer: str, out: str, workers: int, cutoff: int) -> None:
+    """The prepare stage's code on the corpus (run in its own process by `--cpt`)."""
+    from tunepipe.data.features import DataArgs, prepare_to_disk
+    from tunepipe.models.loading import load_tokenizer
+
+    args = DataArgs(dataset_dir=data, template="qwen", cutoff_len=cutoff, streaming=True,
+                    preprocessing_num_workers=workers if workers > 1 else None)
+    prepare_to_disk("pt", "bench_cpt", args, load_tokenizer(tokenizer), Path(out))
+
+
+def digest_of(dataset_dir: Path) -> dict:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from datasets import load_from_disk
+    from lf_oracle import token_digest
+
+    return token_digest(load_from_disk(str(dataset_dir)))
+
+
+def cpt_bench(args) -> None:
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="tunepipe-cpt-bench-"))
+    tok = work / "tokenizer"
+    if not (tok / "tokenizer.json").exists():
+        make_tokenizer(tok)
+    lf_python = Path(args.lf_venv) / "bin" / "python"
+    if not args.skip_lf and not lf_python.exists():
+        sys.exit(f"no LLaMA-Factory venv at {args.lf_venv}: run `bash bench/lf_venv.sh` first")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    print(f"CPT corpus, template qwen, cutoff_len {args.cutoff_len}, {args.workers} worker(s) each side; work dir "
+          f"{work}")
+    print(f"{'corpus':>8} {'side':10} {'wall s':>8} {'MB/s':>7} {'peak MB':>8} {'blocks':>9}")
+    for gigabytes in [float(x) for x in args.cpt_gb.split(",")]:
+        data = work / f"corpus-{gigabytes:g}gb"
+        size = make_corpus(data, gigabytes)
+        out = work / f"ours-{gigabytes:g}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        cmd = [sys.executable, __file__, "--ours-cpt", str(data), str(tok), str(out), str(args.workers),
+               str(args.cutoff_len)]
+        seconds, peak = measured(cmd, {**env, "HF_DATASETS_CACHE": str(work / "hf-ours")})
+        shutil.rmtree(work / "hf-ours", ignore_errors=True)
+        ours = digest_of(out / "train")
+        print(f"{size / 1e9:7.2f}G {'tunepipe':10} {seconds:8.1f} {size / 1e6 / seconds:7.1f} {peak:8.0f} "
+              f"{ours['rows']:9,d}", flush=True)
+        if args.skip_lf:
+            continue
+        runs = [("LF", args.workers)] + ([("LF 1 worker", 1)] if args.check and args.workers > 1 else [])
+        for label, workers in runs:
+            digest_file = work / f"lf-{gigabytes:g}-{workers}.json"
+            cmd = [str(lf_python), str(ROOT / "bench" / "lf_oracle.py"), "--stage", "pt", "--dataset", "bench_cpt",
+                   "--dataset-dir", str(data), "--template", "qwen", "--tokenizer", str(tok), "--cutoff-len",
+                   str(args.cutoff_len), "--out", str(digest_file), "--digest",
+                   "--hf-cache", str(work / "hf-lf"),
+                   *(["--preprocessing-num-workers", str(workers)] if workers > 1 else [])]
+            seconds, peak = measured(cmd, env)
+            shutil.rmtree(work / "hf-lf", ignore_errors=True)
+            lf = json.loads(digest_file.read_text())
+            same = " identical to tunepipe" if lf["sha256"] == ours["sha256"] else ""
+            print(f"{'':8} {label:10} {seconds:8.1f} {size / 1e6 / seconds:7.1f} {peak:8.0f} {lf['rows']:9,d}{same}",
+                  flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--ours-cpt":
+        data, tok, out, workers, cutoff = sys.argv[2:7]
+        ours_cpt(data, tok, out, int(workers), int(cutoff))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=50000)
     parser.add_argument("--cutoff-len", type=int, default=1024)
     parser.add_argument("--lf-venv", default=os.getenv("LF_VENV", "/work/lf-venv"))
     parser.add_argument("--skip-lf", action="store_true", help="only time tunepipe")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--cpt", action="store_true", help="the CPT corpus case instead of SFT rows")
+    parser.add_argument("--cpt-gb", default="0.25,1.0", help="--cpt: corpus sizes in GB")
+    parser.add_argument("--workers", type=int, default=2, help="--cpt: preprocessing_num_workers, both sides")
+    parser.add_argument("--check", action="store_true", help="--cpt: also LF with one worker, to compare tokens")
     args = parser.parse_args()
+    if args.cpt:
+        cpt_bench(args)
+        return
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="tunepipe-bench-"))
     data, tok = work / "data", work / "tokenizer"

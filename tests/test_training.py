@@ -473,8 +473,8 @@ def test_qlora_merge_into_a_quantized_checkpoint_is_refused(tiny, tmp_path):
 
 @pytest.mark.parametrize("values, message", [
     ({"quantization_bit": 4, "lora": {"finetuning_type": "full"}}, "cannot be used with finetuning_type: full"),
-    ({"flash_attn": "fa2"}, "flash_attn: fa2 needs FlashAttention-2 on a CUDA GPU"),
-    ({"enable_liger_kernel": True}, "enable_liger_kernel: Liger's Triton kernels need a CUDA GPU"),
+    ({"flash_attn": "fa2"}, "fa2 needs FlashAttention-2 on a CUDA GPU"),
+    ({"enable_liger_kernel": True}, "Liger's Triton kernels need a CUDA GPU"),
 ])
 def test_what_this_machine_cannot_run_is_refused_before_any_work(tiny, tmp_path, values, message):
     """One line, exit 2 from the stage, before data or model are loaded (the data dir here does not even exist)."""

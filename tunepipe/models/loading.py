@@ -60,7 +60,7 @@ def attention_implementation(flash_attn: str = "auto") -> str:
     if flash_attn == "fa2":
         if not fa2:
             why = "no CUDA GPU on this machine" if not cuda_available() else "the flash_attn package is not installed"
-            raise ConfigError(f"flash_attn: fa2 needs FlashAttention-2 on a CUDA GPU, and {why}; use sdpa or auto",
+            raise ConfigError(f"fa2 needs FlashAttention-2 on a CUDA GPU, and {why}; use sdpa or auto",
                               key="flash_attn")
         return "flash_attention_2"
     return "flash_attention_2" if fa2 else "sdpa"
@@ -71,13 +71,13 @@ def check_liger(enabled: bool) -> None:
     if not enabled:
         return
     if not cuda_available():
-        raise ConfigError("enable_liger_kernel: Liger's Triton kernels need a CUDA GPU and this machine has none; "
-                          "set it to false", key="enable_liger_kernel")
+        raise ConfigError("Liger's Triton kernels need a CUDA GPU and this machine has none; set it to false",
+                          key="enable_liger_kernel")
     import importlib.util
 
     if importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError("enable_liger_kernel: the liger-kernel package is not installed (pip install "
-                          "liger-kernel)", key="enable_liger_kernel")
+        raise ConfigError("the liger-kernel package is not installed (pip install liger-kernel)",
+                          key="enable_liger_kernel")
 
 
 def quantization_config(bits: int | None, method: str = "bnb", *, compute_dtype: Any = None) -> Any:
@@ -87,16 +87,16 @@ def quantization_config(bits: int | None, method: str = "bnb", *, compute_dtype:
     if bits is None:
         return None
     if method != "bnb":
-        raise ConfigError(f"quantization_method: {method!r} is not supported (bnb)", key="quantization_method")
+        raise ConfigError(f"{method!r} is not supported (bnb)", key="quantization_method")
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"quantization_bit: {bits}: bitsandbytes is not installed on this machine "
+        raise ConfigError(f"{bits}-bit training needs bitsandbytes, which is not installed on this machine "
                           "(pip install bitsandbytes)", key="quantization_bit")
     try:
         import bitsandbytes  # noqa: F401  (its import fails where no backend can run)
     except Exception as err:  # noqa: BLE001 - any import failure means the backend cannot run here
-        raise ConfigError(f"quantization_bit: {bits}: bitsandbytes cannot run on this machine "
+        raise ConfigError(f"{bits}-bit training needs bitsandbytes, which cannot run on this machine "
                           f"({_first_line(err)})", key="quantization_bit") from None
     import torch
     from transformers import BitsAndBytesConfig

@@ -193,9 +193,9 @@ def check_backends(inputs: TrainInputs) -> Backends:
     quantization = quantization_config(t.quantization_bit, t.quantization_method)
     for key, path in (("deepspeed", t.deepspeed), ("config_file", t.config_file)):
         if path is not None and not Path(path).is_file():
-            raise ConfigError(f"{key}: {path} not found (a path relative to the project root)", key=key)
+            raise ConfigError(f"{path} not found (a path relative to the project root)", key=key)
     if t.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"deepspeed: {t.deepspeed} needs the deepspeed package, which is not installed here "
+        raise ConfigError(f"{t.deepspeed} needs the deepspeed package, which is not installed here "
                           "(pip install deepspeed)", key="deepspeed")
     return Backends(attn_implementation=attn, quantization=quantization, liger=t.enable_liger_kernel)
 
