@@ -116,28 +116,22 @@ def train_command(stage: str, train) -> str:
             raise ConfigError(f"{', '.join(extra)} need a launcher: set launcher: torchrun or accelerate",
                               key=f"{key}.launcher")
         return f"python {module}"
+    def flags(*pairs: tuple[str, Any]) -> list[str]:
+        return [f"{flag} {value}" for flag, value in pairs if value is not None]
+
+    def quoted(value: str | None) -> str | None:
+        return shlex.quote(value) if value is not None else None
+
     if train.launcher == "torchrun":
-        parts = ["torchrun"]
-        if train.nnodes is not None:
-            parts.append(f"--nnodes {train.nnodes}")
-        if train.nproc_per_node is not None:
-            parts.append(f"--nproc-per-node {train.nproc_per_node}")
-        if train.master_addr is not None:
-            parts.append(f"--master-addr {shlex.quote(train.master_addr)}")
-        if train.master_port is not None:
-            parts.append(f"--master-port {train.master_port}")
-        return " ".join([*parts, module])
-    parts = ["accelerate launch"]
-    if train.config_file is not None:
-        parts.append(f"--config_file {shlex.quote(train.config_file)}")
-    if train.nproc_per_node is not None:  # accelerate counts processes over all machines
-        parts.append(f"--num_processes {train.nproc_per_node * (train.nnodes or 1)}")
-    if train.nnodes is not None:
-        parts.append(f"--num_machines {train.nnodes}")
-    if train.master_addr is not None:
-        parts.append(f"--main_process_ip {shlex.quote(train.master_addr)}")
-    if train.master_port is not None:
-        parts.append(f"--main_process_port {train.master_port}")
+        parts = ["torchrun", *flags(("--nnodes", train.nnodes), ("--nproc-per-node", train.nproc_per_node),
+                                    ("--master-addr", quoted(train.master_addr)),
+                                    ("--master-port", train.master_port))]
+    else:  # accelerate counts processes over all machines
+        processes = train.nproc_per_node * (train.nnodes or 1) if train.nproc_per_node is not None else None
+        parts = ["accelerate launch", *flags(("--config_file", quoted(train.config_file)),
+                                             ("--num_processes", processes), ("--num_machines", train.nnodes),
+                                             ("--main_process_ip", quoted(train.master_addr)),
+                                             ("--main_process_port", train.master_port))]
     return " ".join([*parts, module])
 
 
