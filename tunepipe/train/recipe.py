@@ -9,16 +9,18 @@ model, trained with transformers / TRL on the pre-tokenized features of the prep
 template values). Which trainer, by objective (the `stages.<name>` keys of params.yaml are LLaMA-Factory's):
 
     cpt (clm)         transformers Trainer, packed blocks from prepare (labels as written there)
-    sft               transformers Trainer, our labels (-100 over prompts); `packing` (default on): padding-free
-                      batches (tunepipe.train.collators.PaddingFreeCollator), else padded batches
+    sft               transformers Trainer, our labels (-100 over prompts); `packing` (default on): rows of several
+                      examples by best-fit decreasing (tunepipe.train.packing), else padded batches
     dpo  sigmoid|ipo|hinge   TRL DPOTrainer, `pref_beta` -> beta, `pref_ftx` -> + pref_ftx * SFT loss; reference =
                       the adapter-disabled model = the previous stage's merged model (no second copy)
     dpo  orpo         TRL experimental ORPOTrainer (beta = pref_beta), reference-free
     dpo  simpo        TRL experimental CPOTrainer(loss_type="simpo", cpo_alpha = pref_ftx, simpo_gamma)
     kto               TRL KTOTrainer (desirable/undesirable weights = kto_chosen/rejected_weight), LF's KL completions
 
-Precision: fp32 on CPU; bf16 and gradient checkpointing on a GPU when params leave them None. Runs unchanged under
-`accelerate launch` / `torchrun`: every rank builds the same trainer, only the main process writes files.
+Precision: fp32 on CPU; bf16 and gradient checkpointing on a GPU when params leave them None. Loading options
+(`quantization_bit`, `flash_attn`, `enable_liger_kernel`) are checked first (`check_backends`): what the machine
+cannot run is a one-line error before any work. Runs unchanged under `accelerate launch` / `torchrun` (the
+launcher keys, stages/dag.py): every rank builds the same trainer, only the main process writes files.
 """
 
 from __future__ import annotations
