@@ -153,8 +153,9 @@ def measured(cmd: list[str], env: dict) -> tuple[float, float]:
     """(wall seconds, peak MB of the process tree's summed RSS) of one command."""
     import psutil
 
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty command would block on a full pipe buffer
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -164,7 +165,8 @@ def measured(cmd: list[str], env: dict) -> tuple[float, float]:
             pass
         time.sleep(0.1)
     seconds = time.perf_counter() - start
-    err = proc.stderr.read()
+    log.seek(0)
+    err = log.read()
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
     return seconds, peak / 2**20
