@@ -189,3 +189,20 @@ def test_two_processes_train_the_single_process_adapter(tmp_path_factory, prefec
     fsdp = adapter(project / "outputs" / "adapters" / "sft")
     for name, tensor in reference.items():
         assert torch.allclose(fsdp[name], tensor, atol=1e-6), name
+
+
+def test_checkpoints_survive_a_change_of_launch_address_not_of_config(tiny, tmp_path):
+    """The resume fingerprint ignores how processes are started (their number counts, as world_size), but not
+    a DeepSpeed / accelerate config, whose checkpoints differ."""
+    from tests.test_training import make_inputs, paths
+    from tunepipe.train.resume import run_fingerprint
+
+    where = paths(tiny, tmp_path, tmp_path, "sft")
+    base = run_fingerprint(make_inputs("sft"), where)
+    moved = run_fingerprint(make_inputs("sft", launcher="torchrun", master_addr="10.0.0.2", master_port=29555), where)
+    assert moved == base
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
+    with_ds = run_fingerprint(make_inputs("sft", deepspeed=str(tmp_path / "ds.json")), where)
+    assert with_ds != base
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 3}}')
+    assert run_fingerprint(make_inputs("sft", deepspeed=str(tmp_path / "ds.json")), where) != with_ds
