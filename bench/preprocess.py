@@ -207,6 +207,8 @@ def cpt_bench(args) -> None:
         size = make_corpus(data, gigabytes)
         out = work / f"ours-{gigabytes:g}"
         shutil.rmtree(out, ignore_errors=True)
+        for cache in ("hf-ours", "hf-lf"):  # cold: neither side may reuse datasets' cache of an earlier run
+            shutil.rmtree(work / cache, ignore_errors=True)
         out.mkdir()
         cmd = [sys.executable, __file__, "--ours-cpt", str(data), str(tok), str(out), str(args.workers),
                str(args.cutoff_len)]
@@ -220,6 +222,7 @@ def cpt_bench(args) -> None:
         runs = [("LF", args.workers)] + ([("LF 1 worker", 1)] if args.check and args.workers > 1 else [])
         for label, workers in runs:
             digest_file = work / f"lf-{gigabytes:g}-{workers}.json"
+            shutil.rmtree(work / "hf-lf", ignore_errors=True)
             cmd = [str(lf_python), str(ROOT / "bench" / "lf_oracle.py"), "--stage", "pt", "--dataset", "bench_cpt",
                    "--dataset-dir", str(data), "--template", "qwen", "--tokenizer", str(tok), "--cutoff-len",
                    str(args.cutoff_len), "--out", str(digest_file), "--digest",
