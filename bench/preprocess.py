@@ -10,9 +10,9 @@ with a row number) generated under the work dir at each size (never committed), 
 1024, LF's pt packing. tunepipe runs the prepare stage's own code (tunepipe.data.features.prepare_to_disk) with
 `streaming: true` and `preprocessing_num_workers: --workers`, writing the Arrow dataset; LLaMA-Factory runs its
 get_dataset (non-streaming: LF's streaming tokenizes during training instead, so there is nothing to time) with
-the same number of workers. Printed per size and side: wall seconds, corpus MB/s, peak memory (RSS of the process
-and its workers together, sampled every 0.1 s: shared pages of forked workers count once per process, so this
-overstates both sides a little). With `--check` the outputs are compared token for token (a sha256 over every
+the same number of workers. Printed per size and side: wall seconds, corpus MB/s, peak memory (anonymous RSS of
+the process and its workers together, sampled every 0.1 s; memory-mapped Arrow pages are page cache, not counted;
+pages a forked worker shares with its parent count once per process, overstating both sides a little). With `--check` the outputs are compared token for token (a sha256 over every
 block) against LF run with one worker: with several, LF cuts the rows into shards and batches within each (its
 datasets.map(num_proc)), a different block boundary; tunepipe's streaming keeps the batches of one stream.
 
@@ -149,8 +149,21 @@ def make_corpus(folder: Path, gigabytes: float) -> int:
     return path.stat().st_size
 
 
+def anonymous_bytes(pid: int) -> int:
+    """RssAnon of a process: its own memory, not the pages of files it maps (datasets memory-maps its Arrow files,
+    and those pages, reclaimable page cache, would otherwise count as the process's memory)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measured(cmd: list[str], env: dict) -> tuple[float, float]:
-    """(wall seconds, peak MB of the process tree's summed RSS) of one command."""
+    """(wall seconds, peak MB of the process tree's summed anonymous memory) of one command."""
     import psutil
 
     log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty command would block on a full pipe buffer
@@ -160,7 +173,7 @@ def measured(cmd: list[str], env: dict) -> tuple[float, float]:
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            peak = max(peak, sum(anonymous_bytes(p.pid) for p in tree))
         except psutil.Error:
             pass
         time.sleep(0.1)
@@ -201,7 +214,7 @@ def cpt_bench(args) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"CPT corpus, template qwen, cutoff_len {args.cutoff_len}, {args.workers} worker(s) each side; work dir "
           f"{work}")
-    print(f"{'corpus':>8} {'side':10} {'wall s':>8} {'MB/s':>7} {'peak MB':>8} {'blocks':>9}")
+    print(f"{'corpus':>8} {'side':10} {'wall s':>8} {'MB/s':>7} {'anon MB':>8} {'blocks':>9}")
     for gigabytes in [float(x) for x in args.cpt_gb.split(",")]:
         data = work / f"corpus-{gigabytes:g}gb"
         size = make_corpus(data, gigabytes)
