@@ -59,7 +59,7 @@ def end_pipeline_run(project_root: str | Path | None, run_id: str, status: str =
 
 
 def finish_pipeline_run(run_id: str, results: Iterable[Mapping[str, Any]], *, failed: bool = False,
-                        project_root: str | Path | None = None) -> None:
+                        killed: bool = False, project_root: str | Path | None = None) -> None:
     """Record the flow's per-stage results on the pipeline run ({"name", "status", "seconds"} each: tag
     `stage_status.<name>`, metric `stage_seconds.<name>`) and end it FINISHED or FAILED."""
     from mlflow.entities import Metric, RunTag
@@ -74,7 +74,7 @@ def finish_pipeline_run(run_id: str, results: Iterable[Mapping[str, Any]], *, fa
             metrics.append(Metric(f"stage_seconds.{name}", float(result["seconds"]), now, 0))
     for start in range(0, max(len(tags), len(metrics)), BATCH):
         client.log_batch(run_id, metrics=metrics[start:start + BATCH], tags=tags[start:start + BATCH])
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    client.set_terminated(run_id, status="KILLED" if killed else "FAILED" if failed else "FINISHED")
 
 
 def _stage_run_id(client, experiment_id: str, parent_run_id: str, stage: str) -> str:
@@ -136,3 +136,31 @@ def record_stage(root: Path, parent_run_id: str, stage, *, lineage: Mapping[str,
         if (root / file).is_file():
             log_artifact_file(root / file, str(Path(file).parent), run_id, project_root=root)
     return run_id
+
+
+def record_stopped(root: Path, parent_run_id: str, stage: str) -> None:
+    """The stage a signal stopped: its own run (training's) is already KILLED by the stage; one the flow would have
+    recorded is created KILLED, so the UI shows where the run stopped."""
+    client, _, experiment_id = _pipeline_client(parent_run_id, root)
+    run_id = _stage_run_id(client, experiment_id, parent_run_id, stage)
+    run = client.get_run(run_id)
+    if run.info.status in ("RUNNING", "FINISHED") and run.data.tags.get("tunepipe.recorded_by") == "flow":
+        client.set_terminated(run_id, status="KILLED")
+
+
+def kill_runs(root: Path, parent_run_id: str) -> int:
+    """Mark a killed pipeline's run and its children still RUNNING as KILLED; returns how many."""
+    from mlflow.exceptions import MlflowException
+
+    client, _, experiment_id = store.connect(root)
+    killed = 0
+    try:
+        candidates = [client.get_run(parent_run_id)]
+    except MlflowException:
+        return 0
+    candidates += client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    for run in candidates:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+            killed += 1
+    return killed

@@ -53,7 +53,7 @@ TINY_PARAMS = {
     "registry": {"model_name": "test-model", "compare_metric": "final.reward_accuracy", "higher_is_better": True,
                  "gates": []},
 }
-COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", ".dvcignore")
+COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", ".dvcignore", "prefect.yaml", ".gitignore")
 
 
 def deep_update(base: dict, extra: dict) -> dict:
@@ -94,6 +94,32 @@ def pipeline_project(tmp_path_factory, prefect_harness):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the project's own store: <root>/mlflow.db
     yield root
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """The environment of a `tunepipe` command in a test project: this venv first on PATH (DVC runs `python`)."""
+    env = {**os.environ, **GIT_ENV, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+    return env
+
+
+def tunepipe(project: Path, *args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`tunepipe ARGS` in `project`, as a user types it."""
+    return subprocess.run([sys.executable, "-m", "tunepipe.cli", *args], cwd=project, capture_output=True, text=True,
+                          env=env or project_env(), timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def finished_project(pipeline_project) -> Path:
+    """The shared tiny project after one complete pipeline run (tests/test_pipeline.py's cold run when it ran first,
+    else one run here): for the end-to-end tests of schedules, clones and served models."""
+    if not (pipeline_project / "metrics" / "register.json").exists():
+        proc = tunepipe(pipeline_project, "run", "--json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return pipeline_project
 
 
 

@@ -77,6 +77,7 @@ class Run:
     fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
     resized_vocab: bool = False
+    stop: Any = None  # tunepipe.train.stopping.StopRequest: a signal asked for a checkpoint and a clean stop
 
     @property
     def stage(self) -> str:
@@ -277,6 +278,7 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
     from tunepipe.train.collators import TokenCounter
     from tunepipe.train.lora import describe, lora_config
     from tunepipe.train.resume import run_fingerprint, resolve_resume
+    from tunepipe.train.stopping import CompleteCheckpoint, StopOnRequest, StopRequest
 
     stage = inputs.stage
     run = Run(inputs=inputs, paths=paths)
@@ -313,7 +315,8 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
     collator = make_collator(run, tokenizer, model, train_ds.column_names)
     run.progress = ProgressCallback(stage, run.counter)
     run.curve = LossCurveCallback()
-    all_callbacks = [run.progress, run.curve, *callbacks]
+    run.stop = StopRequest()
+    all_callbacks = [run.progress, run.curve, CompleteCheckpoint(), StopOnRequest(run.stop), *callbacks]
 
     if run.kind in ("clm", "sft"):
         if peft_config is not None:
@@ -369,7 +372,12 @@ def train(run: Run) -> dict[str, Any]:
     if run.resume_from:
         resumed_step = int(Path(run.resume_from).name.rsplit("-", 1)[-1])
     started = time.perf_counter()
+    run.stop.install()  # from here, SIGTERM/SIGINT end the step, save a checkpoint and stop
     output = trainer.train(resume_from_checkpoint=run.resume_from)
+    if run.stop.exit_code is not None:
+        log.warning("[%s] stopped at step %d: checkpoint kept in %s, the next run resumes from it; no adapter "
+                    "written", run.stage, trainer.state.global_step, run.paths.checkpoints)
+        raise SystemExit(run.stop.exit_code)
     eval_metrics: dict[str, float] = {}
     if trainer.eval_dataset is not None:
         last_eval = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
