@@ -211,18 +211,19 @@ def _reserve(rng: random.Random, facts, table, first: int = 0) -> dict[tuple[str
 # Datasets
 # ---------------------------------------------------------------------------------------------------------------
 def make_cpt(rng, facts, reserved, docs_per_island=16):
-    """Every island. Train docs use every pattern but the reserved one, in random order; the eval doc of each island
-    uses only reserved ones."""
+    """Every island. Train docs use every pattern but the reserved one, the sentences in random order (so every fact
+    is also written at the start of a document, with no other sentence about the island before it: knowledge that a
+    bare question can reach); the eval doc of each island uses only reserved ones."""
     train, evals = [], []
     for fact in facts:
         for _ in range(docs_per_island):
-            order = ["region"] + rng.sample(ATTRS[1:], len(ATTRS) - 1)
+            order = rng.sample(ATTRS, len(ATTRS))
             sentences = []
             for attr in order:
                 choices = [k for k in range(len(SENTENCES[attr])) if k != reserved[(fact["island"], attr)]]
                 sentences.append(_fill(SENTENCES[attr][rng.choice(choices)], fact, attr))
             train.append(" ".join(sentences))
-        order = ["region"] + rng.sample(ATTRS[1:], len(ATTRS) - 1)
+        order = rng.sample(ATTRS, len(ATTRS))
         evals.append(" ".join(_fill(SENTENCES[a][reserved[(fact["island"], a)]], fact, a) for a in order))
     rng.shuffle(train)
     return train, evals

@@ -25,8 +25,9 @@ DATA_CODE = ["tunepipe/data"]
 TRAIN_CODE = ["stages/train.py", "tunepipe/training.py", "tunepipe/trainers.py", "tunepipe/callbacks.py",
               "tunepipe/models.py", "tunepipe/data/templates.py"]
 MERGE_CODE = ["stages/merge.py", "tunepipe/merging.py", "tunepipe/data"]
-EVAL_CODE = ["stages/evaluate.py", "tunepipe/evaluation.py", "tunepipe/metrics.py", "tunepipe/data"]
-REGISTER_CODE = ["stages/register.py", "tunepipe/tracking.py"]
+EVAL_CODE = ["stages/evaluate.py", "tunepipe/evaluation.py", "tunepipe/metrics.py", "tunepipe/data",
+             "tunepipe/knowledge.py", "tunepipe/assets/lm_eval"]
+REGISTER_CODE = ["stages/register.py", "tunepipe/tracking.py", "tunepipe/knowledge.py"]
 HEADER = ("# Generated from params.yaml by `python -m stages.dag` (tunepipe run does it for you): edit params.yaml,\n"
           "# not this file. One chain of stages per enabled stage; see docs/pipeline.md.\n")
 
@@ -63,7 +64,8 @@ def build(root: Path, params, raw: dict[str, Any] | None = None) -> dict[str, An
     train, merge = {}, {}
     for stage in enabled:
         s = params.stage(stage)
-        files[stage] = dataset_files(root, params, [n for n in (s.dataset, s.eval_dataset) if n]) or [
+        files[stage] = dataset_files(root, params, [n for n in (s.dataset, s.eval_dataset, s.replay_dataset)
+                                                    if n]) or [
             f"{data_dir}/dataset_info.json"]  # hub datasets: nothing local to watch
         train[stage] = {"input": input_of(stage)}
         merge[stage] = {"input": input_of(stage)}
@@ -139,7 +141,8 @@ def build(root: Path, params, raw: dict[str, Any] | None = None) -> dict[str, An
                                                                           if s in enabled]),
                 "deps": [*EVAL_CODE, f"{data_dir}/dataset_info.json", "outputs/models/base",
                          *[f"outputs/models/{s}" for s in enabled], *[f"outputs/data/{s}" for s in enabled],
-                         *(files["sft"] if "sft" in enabled else [])],
+                         *(files["sft"] if "sft" in enabled else []),
+                         *([f"{data_dir}/{params.evaluate.knowledge_file}"] if params.evaluate.knowledge_file else [])],
                 "metrics": [{"metrics/evaluate.json": {"cache": False}}],
                 "outs": [{"metrics/samples.json": {"cache": False}}],
             },

@@ -45,6 +45,8 @@ def main(argv: list[str]) -> None:
     # Every stage tokenizes with the base model's tokenizer (merges save it unchanged, with the template applied).
     tokenizer = load_tokenizer(common.base_model_path(params), trust_remote_code=model.trust_remote_code)
     prepared = prepare(DATA_STAGE[name], stage.dataset, args, tokenizer, eval_names=stage.eval_dataset)
+    if stage.replay_dataset and stage.replay_ratio > 0:
+        add_replay(params, name, args, tokenizer, prepared)
 
     out = common.data_dir(name)
     report = health.report(DATA_STAGE[name], prepared.datasets, prepared.health, d.cutoff_len, prepared.notes,
@@ -58,6 +60,30 @@ def main(argv: list[str]) -> None:
                                        "tokens", "label_tokens")}
     atomic_write_text(common.METRICS / f"data_{name}.json", json.dumps(headline, indent=2) + "\n")
     print(health.format_table(report), file=sys.stderr)
+
+
+def add_replay(params, name: str, args, tokenizer, prepared) -> None:
+    """Mix the stage's replay dataset (earlier-stage data, processed as its own stage) into the training features."""
+    import dataclasses
+
+    from tunepipe import replay
+    from tunepipe.data.prepare import prepare
+    from tunepipe.errors import ConfigError
+
+    stage = params.stage(name)
+    if name != "sft":
+        raise ConfigError("replay is supported for the sft stage (preference stages: use pref_ftx)",
+                          key=f"stages.{name}.replay_dataset")
+    kind = replay.replay_stage(params, stage.replay_dataset)
+    replay_args = dataclasses.replace(args, packing=params.stage_train("cpt").packing if kind == "pt" else False,
+                                      neat_packing=False, val_size=0.0)
+    data = prepare(kind, stage.replay_dataset, replay_args, tokenizer).train
+    try:
+        prepared.train, n = replay.mix(prepared.train, data, stage.replay_ratio, params.data.seed)
+    except ValueError as err:
+        raise ConfigError(str(err), key=f"stages.{name}.replay_dataset") from None
+    prepared.notes.append(f"replay: {n} {'blocks' if kind == 'pt' else 'rows'} of {stage.replay_dataset} "
+                          f"({kind}, ratio {stage.replay_ratio:g}) mixed into the training data")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def main(argv: list[str]) -> None:
     from tunepipe import tracking
     from tunepipe.errors import ConfigError
     from tunepipe.io import atomic_write_text
+    from tunepipe.knowledge import no_regression_gates
 
     if argv:
         raise ConfigError(f"usage: python -m stages.register (unexpected arguments: {' '.join(argv)})")
@@ -85,7 +86,9 @@ def main(argv: list[str]) -> None:
         tracking.log_metrics(metrics, run_id)
         result = tracking.register_and_promote(
             common.ROOT, model, name=registry.model_name, run_id=run_id, metrics=metrics, lineage=lineage,
-            gates=registry.gates, compare_metric=registry.compare_metric,
+            gates=[*registry.gates, *no_regression_gates(registry.no_regression, params.enabled_stages(),
+                                                          registry.no_regression_vs)],
+            compare_metric=registry.compare_metric,
             higher_is_better=registry.higher_is_better, store=registry.store)
         report = {"name": registry.model_name, **result.to_json()}
         atomic_write_text(common.METRICS / "register.json", json.dumps(report, indent=2) + "\n")

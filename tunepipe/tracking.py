@@ -507,6 +507,33 @@ def _gate(gate: Any) -> tuple[str, float | None, float | None]:
     return gate.metric, gate.min, gate.max
 
 
+def _field(gate: Any, name: str) -> Any:
+    return gate.get(name) if isinstance(gate, Mapping) else getattr(gate, name, None)
+
+
+def _baseline_gate(gate: Any, flat: Mapping[str, float]) -> tuple[dict[str, Any], str]:
+    """A no-regression gate: `metric` against another key of the same metrics (`baseline`, e.g. sft.pref_accuracy):
+    pass iff metric >= baseline - max_drop (higher is better) and/or metric <= baseline * max_ratio (lower is
+    better). A missing or NaN value on either side fails."""
+    name, baseline = _field(gate, "metric"), _field(gate, "baseline")
+    drop, ratio = _field(gate, "max_drop"), _field(gate, "max_ratio")
+    value, base = flat.get(name), flat.get(baseline)
+    passed = _usable(value) and _usable(base)
+    bounds = []
+    if drop is not None:
+        bounds.append(f">= {baseline} - {drop:g}")
+        passed = passed and value >= base - drop
+    if ratio is not None:
+        bounds.append(f"<= {ratio:g} x {baseline}")
+        passed = passed and value <= base * ratio
+    result = {"metric": name, "value": value, "baseline": baseline, "baseline_value": base, "max_drop": drop,
+              "max_ratio": ratio, "passed": bool(passed)}
+    label = _field(gate, "name")
+    reason = (f"gate {label + ': ' if label else ''}{name} {' and '.join(bounds) or 'vs ' + baseline}: {_fmt(value)}"
+              f" vs {_fmt(base)} {'passed' if passed else 'FAILED'}")
+    return result, reason
+
+
 def _fmt(value: float | None) -> str:
     return "missing" if value is None else f"{value:.6g}"
 
@@ -520,6 +547,9 @@ def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_
                      champion_version: int | str | None = None) -> Decision:
     """Promote iff every gate passes AND (there is no champion OR strictly better than it on compare_metric).
 
+    A gate is a bound (`min` / `max` on a metric) or a no-regression check against another metric of the same model
+    set (`baseline` with `max_drop` and/or `max_ratio`, e.g. dpo.pref_accuracy vs sft.pref_accuracy).
+
     `metrics` and `champion_metrics` may be nested ({"final": {"reward_accuracy": 0.8}}) or flat
     ({"final.reward_accuracy": 0.8}); `champion_metrics=None` means there is no champion. A gate or compare metric
     that is missing or NaN fails."""
@@ -527,6 +557,11 @@ def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_
     reasons: list[str] = []
     results: list[dict[str, Any]] = []
     for gate in gates:
+        if _field(gate, "baseline") is not None:
+            result, reason = _baseline_gate(gate, flat)
+            results.append(result)
+            reasons.append(reason)
+            continue
         name, low, high = _gate(gate)
         value = flat.get(name)
         passed = _usable(value) and (low is None or value >= low) and (high is None or value <= high)
