@@ -120,6 +120,33 @@ def test_model_failing_a_gate_is_only_a_candidate(project):
     assert decision["promoted"] is False and any("final.reward_accuracy" in r for r in decision["reasons"])
 
 
+def test_a_learning_rate_that_wrecks_dpo_is_only_a_candidate_with_the_failed_gate_named(project):
+    """The shipped no-regression gates (params.yaml registry.no_regression) on a real DPO run whose learning rate
+    destroys the SFT model: the new version is a candidate, the champion stays, and the decision names the
+    forgetting gate on the SFT loss."""
+    champion = [v for v, aliases in versions(project).items() if "champion" in aliases]
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["registry"]["gates"] = []
+    params["registry"]["no_regression"] = shipped["registry"]["no_regression"]
+    params["stages"]["dpo"]["learning_rate"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    state, result = run(project)
+    assert state.is_completed(), result
+    ran = {s for s, v in statuses(result).items() if v == "ran"}
+    assert {"train@dpo", "evaluate", "register"} <= ran and "train@sft" not in ran
+    after = versions(project)
+    assert after[max(after)] == ["candidate"]
+    assert [v for v, aliases in after.items() if "champion" in aliases] == champion
+    decision = json.loads((project / "metrics" / "register.json").read_text())
+    failed = {(g["metric"], g.get("baseline")) for g in decision["gate_results"] if not g["passed"]}
+    assert decision["promoted"] is False and ("final.sft_loss", "sft.sft_loss") in failed
+    assert any(r.startswith("gate forgetting of sft: final.sft_loss <= 1.1 x sft.sft_loss") and r.endswith("FAILED")
+               for r in decision["reasons"])
+    evaluate = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert evaluate["forgetting"]["sft_loss_ratio"]["final"] > 1.1
+
+
 def test_a_second_run_in_the_same_project_is_refused(project):
     from flows.pipeline import PipelineBusy, project_lock
 
