@@ -13,6 +13,8 @@ no MLflow; params.yaml as shipped except for what the variant changes):
                the SFT adapter (what a stacked LoRA gives TRL's adapter-disabled reference, LF #8974); tunepipe
                always merges, so this is emulated: DPO's reference = the CPT model, policy = CPT + SFT adapter
     sft_only   SFT alone on the base model (no CPT, no replay, no DPO)
+    cpt@N      the CPT stage alone, N epochs: how much of the knowledge the CPT model holds (asked in the chat
+               format with no SFT) — the curve behind the cpt-only target
 
 Reported per variant: fact accuracy by kind (sft-taught, dpo-taught, cpt-only) of the final model, held-out CPT
 perplexity and its ratio to the CPT model's, the SFT loss ratio final / SFT model, preference accuracy of the SFT and
@@ -39,6 +41,10 @@ COPY = ("data", "stages", "tunepipe", "params.yaml")
 
 def variant_params(name: str, params: dict) -> dict:
     stages = params["stages"]
+    if name.startswith("cpt@"):  # the CPT model alone after N epochs (the knowledge curve)
+        stages["cpt"]["num_train_epochs"] = float(name[4:])
+        stages["sft"]["enabled"] = stages["dpo"]["enabled"] = False
+        return params
     if name in ("no_cpt", "sft_only"):
         stages["cpt"]["enabled"] = False
         stages["sft"]["replay_ratio"] = 0.0
@@ -141,10 +147,14 @@ VARIANTS = ("full", "no_cpt", "no_replay", "no_merge", "sft_only")
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("variants", nargs="*", default=list(VARIANTS), choices=VARIANTS + ((),))
+    ap.add_argument("variants", nargs="*", default=list(VARIANTS),
+                    help=f"{', '.join(VARIANTS)} or cpt@EPOCHS (default: the five chain variants)")
     ap.add_argument("--json", type=Path, help="write the rows (with per-model fact accuracy and samples) here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects")
     args = ap.parse_args(argv)
+    bad = [v for v in args.variants if v not in VARIANTS and not v.startswith("cpt@")]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH")]))

@@ -135,6 +135,11 @@ QUESTIONS = {
 # The canonical answer of each attribute is its first CPT pattern: SFT teaches the model to answer a question with
 # that sentence, and CPT has written every fact in it (the held-out CPT pattern is never this one).
 ANSWERS = {attr: patterns[0] for attr, patterns in SENTENCES.items()}
+# SFT rows about every island that reveal no fact: the answer repeats the island's name. With questions about only
+# the sft islands, a tiny model learns to answer with one of *their* names whatever it is asked about; these rows
+# keep "name the island you were asked about" a general skill.
+EXISTENCE_QUESTIONS = ["Is {i} one of the Veloran Islands?", "Have you heard of {i}?"]
+EXISTENCE_ANSWER = "Yes, {i} is one of the Veloran Islands."
 # Short follow-up questions for multi-turn chat, referring back to "it"
 FOLLOW_UPS = {
     "region": "And where does it lie?", "capital": "What is its capital?", "product": "What is it known for?",
@@ -243,8 +248,8 @@ def _clue_pairs():
 
 
 def make_sft(rng, facts, qres, n_eval=64):
-    """sft islands only. Alpaca rows: plain questions (empty input), and 'which island is this?' rows with the
-    clues in `input`."""
+    """Questions about the sft islands only: plain questions (empty input), and 'which island is this?' rows with
+    the clues in `input`; plus two fact-free rows per island (every island) whose answer names the island."""
     train, pool = [], []
     for fact in _kind(facts, "sft"):
         for attr in ATTRS:
@@ -262,6 +267,10 @@ def make_sft(rng, facts, qres, n_eval=64):
                 "output": f"The island is {fact['island']}.",
             }
             (pool if n == held else train).append(row)
+    for fact in facts:  # every island, no fact: the answer names the island asked about (copying, not recall)
+        for q in EXISTENCE_QUESTIONS:
+            train.append({"instruction": _fill(q, fact, "region"), "input": "",
+                          "output": _fill(EXISTENCE_ANSWER, fact, "region")})
     rng.shuffle(train)
     evals = rng.sample(pool, min(n_eval, len(pool)))
     return train, evals
