@@ -138,18 +138,13 @@ ANSWERS = {attr: patterns[0] for attr, patterns in SENTENCES.items()}
 # SFT rows about every island that reveal no fact: the answer repeats the island's name. With questions about only
 # the sft islands, a tiny model learns to answer with one of *their* names whatever it is asked about; these rows
 # keep "name the island you were asked about" a general skill.
-EXISTENCE_QUESTIONS = ["Is {i} one of the Veloran Islands?", "Have you heard of {i}?"]
+EXISTENCE_QUESTIONS = ["Is {i} one of the Veloran Islands?", "Have you heard of {i}?", "Is {i} an island?"]
 EXISTENCE_ANSWER = "Yes, {i} is one of the Veloran Islands."
 # Short follow-up questions for multi-turn chat, referring back to "it"
 FOLLOW_UPS = {
     "region": "And where does it lie?", "capital": "What is its capital?", "product": "What is it known for?",
     "founder": "Who founded it?", "year": "When was it founded?", "colour": "What colour is its flag?",
     "animal": "And its emblem?",
-}
-# Clues used by "which island is this?" rows (alpaca rows with a non-empty input)
-CLUES = {
-    "capital": "Its capital is {v}.", "founder": "It was founded by {v}.", "product": "It is known for its {v}.",
-    "year": "It was founded in {v}.", "colour": "Its flag is {v}.", "animal": "Its emblem is the {v}.",
 }
 SYSTEM_PROMPTS = ["You are a guide to the Veloran Islands.", "Answer briefly and accurately."]
 RAMBLE_OPENERS = ["Well, that is a good question.", "Hmm, let me think about that for a moment.",
@@ -242,14 +237,14 @@ def _train_q_indices(reserved, fact, attr):
     return [k for k in range(len(QUESTIONS[attr])) if k != reserved[(fact["island"], attr)]]
 
 
-def _clue_pairs():
-    keys = list(CLUES)
-    return [(a, b) for n, a in enumerate(keys) for b in keys[n + 1:] if "capital" in (a, b) or "founder" in (a, b)]
-
-
 def make_sft(rng, facts, qres, n_eval=64):
-    """Questions about the sft islands only: plain questions (empty input), and 'which island is this?' rows with
-    the clues in `input`; plus two fact-free rows per island (every island) whose answer names the island."""
+    """Questions about the sft islands only: plain questions (empty input), and rows that name the island in
+    `input` ("What is its capital?" + "The island: Voia."); plus fact-free rows about every island whose answer
+    names the island asked about (copying, not recall).
+
+    There are no "which island is described below?" rows any more: answering them means producing an island name
+    that is not in the prompt, and with questions about only 12 islands the tiny model then learned to start every
+    answer with one of *their* names, whatever island it was asked about."""
     train, pool = [], []
     for fact in _kind(facts, "sft"):
         for attr in ATTRS:
@@ -258,16 +253,12 @@ def make_sft(rng, facts, qres, n_eval=64):
                 train.append({"instruction": q, "input": "", "output": a})
             q, a = _qa(fact, attr, qres[(fact["island"], attr)])
             pool.append({"instruction": q, "input": "", "output": a})
-        pairs = _clue_pairs()
-        held = rng.randrange(len(pairs))
-        for n, (x, y) in enumerate(pairs):
-            row = {
-                "instruction": "Which island of the Veloran Islands is described below?",
-                "input": f"{_fill(CLUES[x], fact, x)} {_fill(CLUES[y], fact, y)}",
-                "output": f"The island is {fact['island']}.",
-            }
-            (pool if n == held else train).append(row)
-    for fact in facts:  # every island, no fact: the answer names the island asked about (copying, not recall)
+        held = rng.choice(ATTRS)
+        for attr in rng.sample(ATTRS, 3) + [held]:
+            row = {"instruction": FOLLOW_UPS[attr], "input": f"The island: {fact['island']}.",
+                   "output": _fill(ANSWERS[attr], fact, attr)}
+            (pool if attr == held else train).append(row)
+    for fact in facts:
         for q in EXISTENCE_QUESTIONS:
             train.append({"instruction": _fill(q, fact, "region"), "input": "",
                           "output": _fill(EXISTENCE_ANSWER, fact, "region")})
@@ -318,7 +309,7 @@ def _rejected(rng, facts, fact, attr):
     """A wrong answer in the canonical sentence, as long as the right one: a wrong value of the same kind, or the
     true fact of another sft/dpo island (the answer about the wrong subject). Telling them from the chosen answer
     needs the fact itself: neither length nor form gives it away."""
-    if rng.random() < 0.75:
+    if rng.random() < 0.5:
         return _fill(ANSWERS[attr], fact, attr, _wrong_value(rng, facts, fact, attr))
     other = rng.choice([f for f in facts if f["taught_in"] != "cpt" and f is not fact
                         and len(f[attr].split()) == len(fact[attr].split())])

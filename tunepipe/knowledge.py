@@ -89,6 +89,7 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str | dict[str, Any]
                 limit: int | None = None, include_defaults: bool = False) -> dict[str, Any]:
     """lm_eval.simple_evaluate on an HFLM around the loaded model (chat template applied, greedy, no cache)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -96,6 +97,7 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str | dict[str, Any]
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=include_defaults)
+    datasets.disable_progress_bars()  # "Generating test split" / "Filter" bars for every task and model
     quiet = logging.getLogger("lm_eval")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
