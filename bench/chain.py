@@ -72,8 +72,10 @@ def setup(stage, params, paths, callbacks=()):
     if stage == "dpo":  # the stacked-adapter reference: the model without the SFT adapter (= the CPT model)
         import torch
         from transformers import AutoModelForCausalLM
+        from trl.trainer.dpo_trainer import add_fused_lm_head
         ref = AutoModelForCausalLM.from_pretrained(sys.argv_ref, dtype=torch.float32)
         ref.config.use_cache = False
+        add_fused_lm_head(ref)
         run.trainer.ref_model = run.trainer.accelerator.prepare_model(ref.eval(), evaluation_mode=True)
         run.notes.append("no_merge: reference = " + sys.argv_ref)
     return run
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.variants:
             rows.append(run_variant(name, workdir, env))
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            if args.json:  # after every variant: a later failure keeps what was measured
+                args.json.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
