@@ -120,6 +120,7 @@ def test_model_failing_a_gate_is_only_a_candidate(project):
     assert decision["promoted"] is False and any("final.reward_accuracy" in r for r in decision["reasons"])
 
 
+@pytest.mark.timeout(600)
 def test_a_learning_rate_that_wrecks_dpo_is_only_a_candidate_with_the_failed_gate_named(project):
     """The shipped no-regression gates (params.yaml registry.no_regression) on a real DPO run whose learning rate
     destroys the SFT model: the new version is a candidate, the champion stays, and the decision names the
