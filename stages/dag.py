@@ -35,6 +35,7 @@ PLAN = str(common.PLAN)
 VALUES_ONLY = ("tunepipe.config", "tunepipe.plan")
 TRACKING = "tunepipe.tracking"
 TINY_CORPUS = "tunepipe/assets/tiny_corpus.jsonl"
+LM_EVAL_TASKS = "tunepipe/assets/lm_eval"  # read by lm_eval at run time (YAML + its utils), not imported
 
 
 class CodeGraph:
@@ -112,9 +113,10 @@ def build(root: Path, params) -> dict[str, Any]:
     def model_of(previous: str | None) -> str:
         return f"outputs/models/{previous}" if previous else base
 
-    def data_files(stage: str) -> list[str]:
+    def data_files(stage: str, *, replay: bool = False) -> list[str]:
         s = params.stage(stage)
-        return [info, *dataset_files(root, params.data.dataset_dir, [s.dataset, s.eval_dataset])]
+        names = [s.dataset, s.eval_dataset, *([s.replay_dataset] if replay and s.replay_ratio > 0 else [])]
+        return [info, *dataset_files(root, params.data.dataset_dir, names)]
 
     stages: dict[str, Any] = {
         "params": {"cmd": "python -m stages.params", "deps": ["params.yaml", *code.files("stages.params", values=True)],
@@ -129,7 +131,7 @@ def build(root: Path, params) -> dict[str, Any]:
         if step == "prepare":
             stages[name] = {
                 "cmd": f"python -m stages.prepare {stage}", "params": values(name),
-                "deps": [*code.files("stages.prepare"), *data_files(stage), base],
+                "deps": [*code.files("stages.prepare"), *data_files(stage, replay=True), base],
                 "outs": [f"outputs/data/{stage}"],
                 "metrics": [{f"metrics/data_{stage}.json": {"cache": False}}],
                 "meta": {"artifacts": [f"outputs/data/{stage}/health.json"]},
@@ -155,10 +157,13 @@ def build(root: Path, params) -> dict[str, Any]:
             }
         elif step == "evaluate":
             enabled = list(spec.stages)
+            knowledge = [_relative(root, root / spec.dataset_dir / spec.evaluate.knowledge_file)
+                         ] if spec.evaluate.knowledge_file else []
             stages[name] = {
                 "cmd": "python -m stages.evaluate", "params": values(name),
-                "deps": [*code.files("stages.evaluate"), base, *[f"outputs/models/{s}" for s in enabled],
-                         *[f"outputs/data/{s}" for s in enabled], *(data_files("sft") if spec.sft else [])],
+                "deps": [*code.files("stages.evaluate"), LM_EVAL_TASKS, base,
+                         *[f"outputs/models/{s}" for s in enabled], *[f"outputs/data/{s}" for s in enabled],
+                         *(data_files("sft") if spec.sft else []), *knowledge],
                 "metrics": [{"metrics/evaluate.json": {"cache": False}}],
                 "outs": [{"metrics/samples.json": {"cache": False}}],
                 "meta": {"artifacts": ["metrics/samples.json"]},

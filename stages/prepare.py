@@ -31,6 +31,8 @@ def main(argv: list[str]) -> None:
     # Every stage tokenizes with the base model's tokenizer (merges save it unchanged, with the template applied).
     tokenizer = load_tokenizer(common.base_model_path(), trust_remote_code=spec.trust_remote_code)
     prepared = prepare(spec.lf_stage, spec.dataset, args, tokenizer, eval_names=spec.eval_dataset)
+    if spec.replay is not None:
+        add_replay(spec, args, tokenizer, prepared)
 
     report = health.report(spec.lf_stage, prepared.datasets, prepared.health, args.cutoff_len, prepared.notes,
                            prepared.eval_health)
@@ -44,6 +46,24 @@ def main(argv: list[str]) -> None:
     atomic_write_text(common.metrics_file("prepare", spec.stage), json.dumps(headline, indent=2) + "\n")
     print(health.format_table(report), file=sys.stderr)
 
+
+def add_replay(spec, args, tokenizer, prepared) -> None:
+    """Mix the stage's replay dataset (earlier-stage data, processed as its own stage) into the training features."""
+    import dataclasses
+
+    from tunepipe import replay
+    from tunepipe.data.features import prepare
+    from tunepipe.errors import ConfigError
+
+    r = spec.replay
+    replay_args = dataclasses.replace(args, packing=r.packing, neat_packing=False, val_size=0.0)
+    data = prepare(r.lf_stage, r.dataset, replay_args, tokenizer).train
+    try:
+        prepared.train, n = replay.mix(prepared.train, data, r.ratio, args.seed)
+    except ValueError as err:
+        raise ConfigError(str(err), key=f"stages.{spec.stage}.replay_dataset") from None
+    prepared.notes.append(f"replay: {n} {'blocks' if r.lf_stage == 'pt' else 'rows'} of {r.dataset} "
+                          f"({r.lf_stage}, ratio {r.ratio:g}) mixed into the training data")
 
 if __name__ == "__main__":
     common.run(main, common.stage_argument("prepare", STAGES))

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
     from tunepipe.io import atomic_write_text
     from tunepipe.tracking import registry as reg
     from tunepipe.tracking import runs
+    from tunepipe.tracking.promotion import no_regression_gates
 
     spec = common.inputs("register")
     registry, final = spec.registry, spec.final_stage
@@ -75,7 +76,9 @@ def main(argv: list[str]) -> None:
         runs.log_metrics(metrics, run_id)
         result = reg.register_and_promote(
             common.ROOT, model, name=registry.model_name, run_id=run_id, metrics=metrics, lineage=lineage,
-            gates=registry.gates, compare_metric=registry.compare_metric,
+            gates=[*registry.gates, *no_regression_gates(registry.no_regression, spec.stages,
+                                                          registry.no_regression_vs)],
+            compare_metric=registry.compare_metric,
             higher_is_better=registry.higher_is_better, store=registry.store)
         report = {"name": registry.model_name, **result.to_json()}
         atomic_write_text(common.metrics_file("register"), json.dumps(report, indent=2) + "\n")

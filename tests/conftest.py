@@ -49,9 +49,9 @@ def write_dataset(tmp_path: Path, entries: dict, files: dict[str, object]) -> Pa
 TINY_PARAMS = {
     "data": {"cutoff_len": 64, "max_samples": 24},
     "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 50},
-    "evaluate": {"max_new_tokens": 8, "max_eval_samples": 4, "num_samples": 1},
+    "evaluate": {"max_new_tokens": 8, "max_eval_samples": 4, "num_samples": 1, "max_fact_questions": 2},
     "registry": {"model_name": "test-model", "compare_metric": "final.reward_accuracy", "higher_is_better": True,
-                 "gates": []},
+                 "gates": [], "no_regression": []},
 }
 COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", ".dvcignore", "prefect.yaml", ".gitignore")
 

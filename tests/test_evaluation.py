@@ -260,7 +260,8 @@ def test_stage_writes_metrics_files(tiny, tmp_path, monkeypatch):
     shutil.copytree(ROOT / "data", project / "data")
     (project / "params.yaml").write_text(
         "model: {template: qwen}\ndata: {cutoff_len: 64, max_samples: 12}\n"
-        "evaluate: {max_new_tokens: 4, max_eval_samples: 6, num_samples: 2}\n")
+        "evaluate: {max_new_tokens: 4, max_eval_samples: 6, num_samples: 2, knowledge_file: knowledge_eval.json,\n"
+        "           max_fact_questions: 2, fact_samples: 1}\n")
     monkeypatch.chdir(project)  # stages run from the project root, as DVC starts them
     params_stage.write()
     shutil.copytree(tiny, common.base_model_dir())
@@ -270,10 +271,20 @@ def test_stage_writes_metrics_files(tiny, tmp_path, monkeypatch):
     evaluate_stage.main([])
 
     results = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert list(results) == ["base", "cpt", "sft", "dpo", "final", "checks", "counts"]
+    assert list(results) == ["base", "cpt", "sft", "dpo", "final", "checks", "forgetting", "counts"]
     assert results["final"]["reward_accuracy"] == 0.0  # identical policy and reference: every reward is 0
     assert results["checks"]["cpt_ppl_reduction"] == pytest.approx(0.0, abs=1e-6)
     assert results["counts"]["generation_prompts"] == results["counts"]["sft_examples"] == 6
+    # the same weights in every section: fact accuracy identical, forgetting ratios 1 and drops 0
+    assert results["base"]["fact_questions"] == 6.0  # 2 per kind (sft, dpo, cpt)
+    assert {results[m]["fact_accuracy_cpt"] for m in ("base", "cpt", "sft", "dpo")} == {results["base"][
+        "fact_accuracy_cpt"]}
+    assert results["checks"]["sft_fact_accuracy_gain"] == 0.0
+    assert results["forgetting"]["perplexity_ratio"] == pytest.approx({"sft": 1.0, "dpo": 1.0, "final": 1.0})
+    assert results["forgetting"]["sft_loss_ratio"] == pytest.approx({"dpo": 1.0, "final": 1.0})
+    assert results["forgetting"]["fact_accuracy_sft_drop"] == {"dpo": 0.0, "final": 0.0}
     samples = json.loads((project / "metrics" / "samples.json").read_text())
-    assert set(samples) == {"base", "cpt", "sft", "dpo"} and len(samples["dpo"]) == 2
+    assert set(samples) == {"base", "cpt", "sft", "dpo"} and len(samples["dpo"]) == 2 + 3
     assert set(samples["dpo"][0]) == {"prompt", "output", "reference"}
+    assert [s["kind"] for s in samples["dpo"][2:]] == ["sft", "dpo", "cpt"]
+    assert set(samples["dpo"][2]) == {"kind", "question", "output", "reference", "correct"}

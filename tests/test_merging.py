@@ -119,9 +119,10 @@ def test_adapter_trained_on_grown_vocabulary(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     tok, template = fixed(tiny)
-    tok.add_tokens([f"<new_{i}>" for i in range(40)])
     model = base_model(tiny)
     rows = model.get_input_embeddings().weight.shape[0]
+    new_tokens = [f"<new_{i}>" for i in range(rows - len(tok) + 40)]  # 40 more than the padded embedding holds
+    tok.add_tokens(new_tokens)
     assert len(tok) > rows
     model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
     torch.manual_seed(0)
@@ -135,7 +136,7 @@ def test_adapter_trained_on_grown_vocabulary(tiny, tmp_path):
                 p.add_(0.01 * torch.randn_like(p))
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     base_tok = load_tokenizer(tiny)
-    base_tok.add_tokens([f"<new_{i}>" for i in range(40)])
+    base_tok.add_tokens(new_tokens)
     result = merge_adapter(tiny, tmp_path / "adapter", tmp_path / "merged", tokenizer=base_tok, template=template,
                            conversations=merging.SYNTHETIC_CONVERSATIONS, max_new_tokens=4)
     assert result.metrics["max_logit_diff"] < 1e-4

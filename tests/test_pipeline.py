@@ -132,7 +132,7 @@ def test_failed_stage_leaves_the_registry_untouched(project):
     assert state.is_failed()
     failed = [s for s in result["stages"] if s["status"] == "failed"]
     assert [s["name"] for s in failed] == ["prepare-dpo"] and "invalid JSON" in failed[0]["error"]
-    assert statuses(result)["register"] == "skipped"
+    assert statuses(result)["register"] == "not run"  # not "skipped": that word means up to date
     assert versions(project) == before
     assert (project / "metrics" / "register.json").read_text() == register_before
     subprocess.run(["git", "checkout", "--", "data/demo_dpo.json"], cwd=project, check=True)
@@ -155,27 +155,38 @@ def test_model_failing_a_gate_is_only_a_candidate(project):
     assert decision["promoted"] is False and any("final.reward_accuracy" in r for r in decision["reasons"])
 
 
+@pytest.mark.timeout(600)
+def test_a_learning_rate_that_wrecks_dpo_is_only_a_candidate_with_the_failed_gate_named(project):
+    """The shipped no-regression gates (params.yaml registry.no_regression) on a real DPO run whose learning rate
+    destroys the SFT model: the new version is a candidate, the champion stays, and the decision names the
+    forgetting gate on the SFT loss."""
+    champion = [v for v, aliases in versions(project).items() if "champion" in aliases]
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["registry"]["gates"] = []
+    params["registry"]["no_regression"] = shipped["registry"]["no_regression"]
+    params["stages"]["dpo"]["learning_rate"] = 0.05  # 500x the demo's (0.5 also breaks merge's logit check)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    state, result = run(project)
+    assert state.is_completed(), result
+    ran = {s for s, v in statuses(result).items() if v == "ran"}
+    assert {"train-dpo", "evaluate", "register"} <= ran and "train-sft" not in ran
+    after = versions(project)
+    assert after[max(after)] == ["candidate"]
+    assert [v for v, aliases in after.items() if "champion" in aliases] == champion
+    decision = json.loads((project / "metrics" / "register.json").read_text())
+    failed = {(g["metric"], g.get("baseline")) for g in decision["gate_results"] if not g["passed"]}
+    assert decision["promoted"] is False and ("final.sft_loss", "sft.sft_loss") in failed, decision["reasons"]
+    assert any(r.startswith("gate forgetting of sft: final.sft_loss <= 1.1 x sft.sft_loss") and r.endswith("FAILED")
+               for r in decision["reasons"])
+    evaluate = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert evaluate["forgetting"]["sft_loss_ratio"]["final"] > 1.1
+    assert all(g.get("baseline") for g in decision["gate_results"] if not g["passed"])  # only no-regression gates
+
+
 def test_a_second_run_in_the_same_project_is_refused(project):
     from flows.pipeline import PipelineBusy, project_lock
 
     with project_lock(project):
         state, result = run(project)
     assert isinstance(result, PipelineBusy) and "in progress" in str(result)
-
-
-def test_schedule_deployment_is_created(project):
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-
-    from flows.pipeline import schedule_deployment
-
-    deployment_id = schedule_deployment("0 2 * * *", project_dir=str(project), name="nightly-test").apply()
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_deployment(deployment_id)
-
-    deployment = asyncio.run(read())
-    assert deployment.name == "nightly-test" and deployment.parameters == {"project_dir": str(project)}
-    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]

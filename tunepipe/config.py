@@ -129,6 +129,12 @@ class StageParams(TrainParams, PreferenceParams):
     train_on_prompt: bool = Field(False, description="sft: also train on prompt tokens.")
     mask_history: bool = Field(False, description="sft: train on the last turn only.")
     neat_packing: bool = Field(False, description="sft: LF's neat_packing in the exported data.")
+    # replay (tunepipe/replay.py)
+    replay_dataset: str | None = Field(None, description="sft: earlier-stage dataset(s) mixed into this stage's "
+                                       "training data (e.g. demo_cpt: CPT text as pt blocks, every token a label) "
+                                       "so the stage keeps what the earlier one taught.")
+    replay_ratio: float = Field(0.0, ge=0, description="Replay examples per own training example (0.5 = half as "
+                                                       "many CPT blocks as SFT rows), drawn with the data seed.")
 
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -172,12 +178,51 @@ class EvaluateParams(Section):
     max_new_tokens: int = Field(48, gt=0, description="Generation length for BLEU/ROUGE and samples.")
     max_eval_samples: int = Field(64, gt=0, description="Held-out examples scored per metric.")
     num_samples: int = Field(3, ge=0, description="Sample generations written to the metrics file.")
+    knowledge_file: str | None = Field(
+        None, description="Held-out fact questions (JSON rows {question, answer, subject, value, kind, distractors}, "
+                          "in data.dataset_dir) scored by the lm-eval task tunepipe_facts: exact-match fact "
+                          "accuracy per kind (where the fact was taught) for the base and every stage. None = off.")
+    max_fact_questions: int | None = Field(None, gt=0, description="Fact questions scored per kind (None = all).")
+    fact_samples: int = Field(2, ge=0, description="Fact-question generations per kind written to samples.json.")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="Standard lm-evaluation-harness tasks (by "
+                                     "name) also run on every model, e.g. [arc_easy] (needs their datasets: network "
+                                     "or a local HF cache); numbers go to evaluate.json as lmeval_<task>_<metric>.")
 
 
 class Gate(Section):
     metric: str = Field(..., description="Metric key in metrics/evaluate.json (e.g. final.reward_accuracy).")
     min: float | None = Field(None, description="Pass only if metric >= min.")
     max: float | None = Field(None, description="Pass only if metric <= max.")
+    baseline: str | None = Field(None, description="No-regression gate: another metric key to compare with (e.g. "
+                                                   "metric dpo.pref_accuracy, baseline sft.pref_accuracy).")
+    max_drop: float | None = Field(None, ge=0, description="With baseline: pass only if metric >= baseline - "
+                                                           "max_drop (higher-is-better metrics).")
+    max_ratio: float | None = Field(None, gt=0, description="With baseline: pass only if metric <= max_ratio * "
+                                                            "baseline (losses, perplexity).")
+    name: str | None = Field(None, description="Label shown in the decision's reasons.")
+
+    @model_validator(mode="after")
+    def _baseline_bounds(self) -> Gate:
+        if (self.max_drop is not None or self.max_ratio is not None) and self.baseline is None:
+            raise ValueError("max_drop / max_ratio need a baseline metric")
+        if self.baseline is not None and self.max_drop is None and self.max_ratio is None:
+            raise ValueError("a baseline gate needs max_drop (higher is better) or max_ratio (lower is better)")
+        return self
+
+
+class SkillTolerance(Section):
+    stage: Literal["cpt", "sft", "dpo", "kto"] = Field(..., description="The stage whose held-out skill this is.")
+    metric: str = Field(..., description="Key in each model's section of metrics/evaluate.json (e.g. perplexity, "
+                                         "sft_loss, fact_accuracy_sft, pref_accuracy).")
+    max_drop: float | None = Field(None, ge=0, description="Higher-is-better skill: largest allowed drop.")
+    max_ratio: float | None = Field(None, gt=0, description="Lower-is-better skill: largest allowed later / earlier "
+                                                            "ratio (1.1 = may rise 10%).")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> SkillTolerance:
+        if (self.max_drop is None) == (self.max_ratio is None):
+            raise ValueError("set exactly one of max_drop (higher is better) or max_ratio (lower is better)")
+        return self
 
 
 class RegistryParams(Section):
@@ -186,6 +231,13 @@ class RegistryParams(Section):
                                                                      "champion on.")
     higher_is_better: bool = Field(True, description="Direction of compare_metric.")
     gates: list[Gate] = Field(default_factory=list, description="All must pass before a model can be champion.")
+    no_regression: list[SkillTolerance] = Field(
+        default_factory=list, description="Each stage's held-out skill and how much later models may lose of it; "
+                                          "expanded into baseline gates (tunepipe.knowledge.no_regression_gates).")
+    no_regression_vs: list[Literal["previous", "own", "base"]] = Field(
+        default_factory=lambda: ["previous", "own", "base"],
+        description="What the skills are compared with: previous = every model from the skill's stage on vs the "
+                    "model it started from; own = the final model vs the skill's stage; base = final vs base.")
     store: Literal["copy", "reference"] = Field(
         "copy", description="copy: log the final model's files as MLflow artifacts (self-contained registry); "
                             "reference: register its absolute path only (no extra copy; restore old versions "
