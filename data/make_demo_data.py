@@ -25,7 +25,7 @@ The canonical answer sentence of each attribute is one of its CPT patterns (neve
 Held-out design: for every (island, attribute) one sentence pattern and one question phrasing are *reserved* for
 the eval files and never used for that island in the train files. Eval text therefore shares every fact and every
 pattern with train text, but no eval sentence or eval prompt occurs verbatim in train. knowledge_eval.json asks
-every fact of every island once, in its reserved phrasing (the fact-accuracy task, tunepipe/knowledge.py).
+every fact of every island once, in its reserved phrasing (the fact-accuracy task, tunepipe/evaluation/knowledge.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Reads outputs/models/base (or the base model reference), outputs/models/<stage> 
 every enabled stage, plus the SFT datasets (re-processed as LLaMA-Factory's unsupervised/predict set for the
 generation prompts). Writes metrics/evaluate.json (numbers only, for `dvc metrics diff` and MLflow; sections
 base / cpt / sft / dpo|kto / final / checks / counts) and metrics/samples.json (a few prompt / output / reference
-generations per model). Logic and metric definitions: tunepipe/evaluation.py; docs/stages.md "## evaluate".
+generations per model). Logic and metric definitions: tunepipe/evaluation/scoring.py; docs/stages.md "## evaluate".
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ log = logging.getLogger("stages.evaluate")
 def load_eval(stage: str, limit: int) -> dict | None:
     from datasets import load_from_disk
 
-    from tunepipe.evaluation import cap
+    from tunepipe.evaluation.scoring import cap
 
     path = common.data_dir(stage) / "eval"
     if not path.is_dir():
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
 
     from tunepipe.data.features import DataArgs, load_template, prepare
     from tunepipe.errors import ConfigError
-    from tunepipe.evaluation import EvalData, EvalSettings, cap, evaluate, load_model
+    from tunepipe.evaluation.scoring import EvalData, EvalSettings, cap, evaluate, load_model
     from tunepipe.io import atomic_write_text
     from tunepipe.models.loading import load_tokenizer
 
@@ -94,8 +94,8 @@ def add_knowledge(spec, results: dict, samples: dict, models: dict, tokenizer, t
     held-out skill re-measured on the later models); `final` and `checks` are refreshed to include them."""
     import copy
 
-    from tunepipe import knowledge
-    from tunepipe.evaluation import learning_checks
+    from tunepipe.evaluation import knowledge
+    from tunepipe.evaluation.scoring import learning_checks
 
     ev = spec.evaluate
     if ev.knowledge_file or ev.lm_eval_tasks:

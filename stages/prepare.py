@@ -51,7 +51,7 @@ def add_replay(spec, args, tokenizer, prepared) -> None:
     """Mix the stage's replay dataset (earlier-stage data, processed as its own stage) into the training features."""
     import dataclasses
 
-    from tunepipe import replay
+    from tunepipe.data import replay
     from tunepipe.data.features import prepare
     from tunepipe.errors import ConfigError
 

@@ -1,5 +1,5 @@
 """evaluate: losses and perplexity equal a torch CrossEntropy hand computation, reward metrics on constructed
-log-probs, batched generation, BLEU/ROUGE through tunepipe.metrics, and the evaluate.json structure."""
+log-probs, batched generation, BLEU/ROUGE through tunepipe.evaluation.similarity, and the evaluate.json structure."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tunepipe import evaluation as E  # noqa: E402
+from tunepipe.evaluation import scoring as E  # noqa: E402
 from tunepipe.data.converters import Example  # noqa: E402
 from tunepipe.data.processors import Processor, ProcessorOptions  # noqa: E402
 from tunepipe.data.templates import get_template  # noqa: E402
-from tunepipe.metrics import similarity_scores  # noqa: E402
+from tunepipe.evaluation.similarity import similarity_scores  # noqa: E402
 from tunepipe.models.loading import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_evaluate_structure_and_values(tiny, tok_template, data):
     expected = E.dpo_rewards(logps["dpo"][:n], logps["dpo"][n:], logps["sft"][:n], logps["sft"][n:], beta=0.2)
     assert {k: results["dpo"][k] for k in reward} == pytest.approx(expected, abs=1e-5)
 
-    # BLEU / ROUGE: LLaMA-Factory's metric (tunepipe.metrics) on skip_special_tokens decodes
+    # BLEU / ROUGE: LLaMA-Factory's metric (tunepipe.evaluation.similarity) on skip_special_tokens decodes
     preds = tok.batch_decode(outputs, skip_special_tokens=True)
     refs = tok.batch_decode(data.prompts["labels"], skip_special_tokens=True)
     assert refs[0] == QA[0][1] + "\n"  # the reference answer; <|im_end|> skipped, as LF decodes it

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -93,8 +92,7 @@ def test_sigterm_stops_everything_and_the_next_run_resumes(finished_project, tmp
     assert lock_is_free(project)
     statuses = runs_by_status(project)
     assert {"pipeline", "train-sft"} <= statuses.get("KILLED", set()) and not statuses.get("RUNNING"), statuses
-    meta = json.loads((project / "outputs" / "adapters" / "sft" / "tunepipe_train.json").read_text())
-    assert meta["steps"] != 400  # the stopped run wrote no adapter: the one there is the earlier run's
+    assert not (project / "outputs" / "adapters" / "sft").exists()  # DVC removed the old one; none was written
 
     step = int(checkpoint.name.rsplit("-", 1)[1])
     result = json.loads(tunepipe(project, "run", "--json").stdout.strip().splitlines()[-1])

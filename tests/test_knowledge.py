@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tunepipe import knowledge as K
-from tunepipe import replay
+from tunepipe.evaluation import knowledge as K
+from tunepipe.data import replay
 from tunepipe.assets.lm_eval import facts_utils
 from tunepipe.config import SkillTolerance, parse_params
 from tunepipe.errors import ConfigError
@@ -73,7 +73,7 @@ def test_lm_eval_task_scores_greedy_chat_answers(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tunepipe.data.templates import get_template
-    from tunepipe.evaluation import generate
+    from tunepipe.evaluation.scoring import generate
     from tunepipe.models.loading import load_tokenizer
 
     tok = load_tokenizer(tiny)

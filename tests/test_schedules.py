@@ -48,13 +48,18 @@ def pipeline_runs(project: Path) -> int:
 
 
 def server_record(project: Path, timeout: float = 240) -> dict:
+    """The project's server as `serve` recorded it, once it answers."""
+    from flows.server import healthy
+
     record = project / ".prefect" / "tunepipe-server.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if record.exists():
-            return json.loads(record.read_text())
+            data = json.loads(record.read_text())
+            if healthy(data["api_url"]):
+                return data
         time.sleep(0.5)
-    raise AssertionError(f"{record} never appeared")
+    raise AssertionError(f"{record} never appeared, or its server never answered")
 
 
 async def completed_runs(api_url: str, *, auto_scheduled: bool, timeout: float) -> list:

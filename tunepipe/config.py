@@ -129,7 +129,7 @@ class StageParams(TrainParams, PreferenceParams):
     train_on_prompt: bool = Field(False, description="sft: also train on prompt tokens.")
     mask_history: bool = Field(False, description="sft: train on the last turn only.")
     neat_packing: bool = Field(False, description="sft: LF's neat_packing in the exported data.")
-    # replay (tunepipe/replay.py)
+    # replay (tunepipe/data/replay.py)
     replay_dataset: str | None = Field(None, description="sft: earlier-stage dataset(s) mixed into this stage's "
                                        "training data (e.g. demo_cpt: CPT text as pt blocks, every token a label) "
                                        "so the stage keeps what the earlier one taught.")
@@ -233,7 +233,7 @@ class RegistryParams(Section):
     gates: list[Gate] = Field(default_factory=list, description="All must pass before a model can be champion.")
     no_regression: list[SkillTolerance] = Field(
         default_factory=list, description="Each stage's held-out skill and how much later models may lose of it; "
-                                          "expanded into baseline gates (tunepipe.knowledge.no_regression_gates).")
+                                          "expanded into baseline gates (tunepipe.tracking.promotion.no_regression_gates).")
     no_regression_vs: list[Literal["previous", "own", "base"]] = Field(
         default_factory=lambda: ["previous", "own", "base"],
         description="What the skills are compared with: previous = every model from the skill's stage on vs the "

@@ -55,7 +55,7 @@ class PrepareInputs(Section):
     data: dict[str, Any] = Field(description="tunepipe.data.features.DataArgs of the stage.")
     dataset: str = Field(description="Training dataset names.")
     eval_dataset: str | None = Field(description="Held-out dataset names.")
-    replay: ReplayInputs | None = Field(None, description="Replay of earlier-stage data (sft), tunepipe/replay.py.")
+    replay: ReplayInputs | None = Field(None, description="Replay of earlier-stage data (sft), tunepipe/data/replay.py.")
     trust_remote_code: bool = Field(description="Allow the tokenizer's own code.")
 
 
@@ -114,7 +114,7 @@ def _examples(data: dict[str, Any]) -> dict[str, Any]:
 
 def replay_inputs(params: Params, stage: str) -> ReplayInputs | None:
     from tunepipe.errors import ConfigError
-    from tunepipe.replay import replay_stage
+    from tunepipe.data.replay import replay_stage
 
     s = params.stage(stage)
     if not s.replay_dataset or s.replay_ratio <= 0:

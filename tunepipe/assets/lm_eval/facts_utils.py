@@ -1,5 +1,5 @@
 """Scoring of the tunepipe_facts lm-eval task (imported by lm_eval through `!function facts_utils.process_results`;
-tunepipe.knowledge imports it too). Pure Python: no torch, no lm_eval."""
+tunepipe.evaluation.knowledge imports it too). Pure Python: no torch, no lm_eval."""
 
 from __future__ import annotations
 

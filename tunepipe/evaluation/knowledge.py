@@ -27,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TASK_DIR = Path(__file__).resolve().parent / "assets" / "lm_eval"
+TASK_DIR = Path(__file__).resolve().parents[1] / "assets" / "lm_eval"
 TASK_YAML = TASK_DIR / "tunepipe_facts.yaml"
 TASK = "tunepipe_facts"
 METRIC = "fact_exact_match"
