@@ -78,10 +78,24 @@ def deployment_name(root: Path, name: str | None) -> str:
 def serve(args: argparse.Namespace) -> int:
     """Serve the pipeline on a schedule from this process, against the project's server (started if needed, and
     stopped on the way out if this process started it: nothing is left running behind the user's back)."""
+    import fcntl
+
     from flows import server
 
     root = Path.cwd()
     home = Path(os.environ["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    serving = open(home / "serve.lock", "a+")  # one serve per project: two would run every schedule twice
+    try:
+        fcntl.flock(serving, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        serving.seek(0)
+        raise _error(f"tunepipe serve is already running for this project ({serving.read().strip() or 'pid ?'}); "
+                     "stop it first (Ctrl-C in its terminal, or SIGTERM)") from None
+    serving.seek(0)
+    serving.truncate()
+    serving.write(f"pid {os.getpid()}")
+    serving.flush()
     external = os.environ.get("PREFECT_API_URL")
     if external:
         if not server.healthy(external):

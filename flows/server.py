@@ -83,14 +83,16 @@ def start(home: Path, *, wait_s: float = 120) -> Server:
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log = home / "server.log"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    api_url = f"http://{HOST}:{port}/api"
+    # the UI's browser code asks this URL for its data (it would default to port 4200, not ours)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": api_url}
     env.pop("PREFECT_API_URL", None)
     with open(log, "ab") as handle:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port",
                                  str(port)], stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env)
-    server = Server(pid=proc.pid, created=psutil.Process(proc.pid).create_time(),
-                    api_url=f"http://{HOST}:{port}/api", log=str(log))
+    server = Server(pid=proc.pid, created=psutil.Process(proc.pid).create_time(), api_url=api_url, log=str(log))
     (home / RECORD).write_text(json.dumps(asdict(server), indent=2) + "\n")
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
