@@ -212,7 +212,9 @@ def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool 
         register = root / "metrics" / "register.json"
         if not failed and register.exists():
             decision = json.loads(register.read_text())
-        pipeline_runs.finish_pipeline_run(parent, results, failed=bool(failed))
+        registered = any(r["name"] == "register" and r["status"] == RAN for r in results)
+        pipeline_runs.finish_pipeline_run(parent, results, failed=bool(failed), noop=not stale,
+                                          decision=decision if registered else None)
         create_table_artifact(key="stage-results", table=[{k: r[k] for k in ("name", "status", "seconds")}
                                                           for r in results], description="tunepipe stages")
         evaluate = root / "metrics" / "evaluate.json"

@@ -24,7 +24,7 @@ from tunepipe.config import STAGES
 
 def main(argv: list[str]) -> None:
     from tunepipe.train import recipe
-    from tunepipe.train.callbacks import StopAfterStep
+    from tunepipe.train.callbacks import MetricHistoryCallback, StopAfterStep
 
     spec = common.inputs(f"train-{argv[0]}")
     stage = spec.stage
@@ -42,6 +42,7 @@ def main(argv: list[str]) -> None:
     fail_after = os.environ.get("TUNEPIPE_FAIL_AFTER_STEP")
     common.work_begins(f"train-{stage}")
     run = recipe.setup(spec, paths, callbacks=[StopAfterStep(int(fail_after))] if fail_after else [])
+    run.trainer.add_callback(MetricHistoryCallback(run.progress))  # per-step metrics into this stage's MLflow run
 
     # train (continues from the last matching checkpoint) and evaluate on the held-out split
     metrics = recipe.train(run)

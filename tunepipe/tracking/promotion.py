@@ -36,14 +36,8 @@ def _usable(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
 
-def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_metrics: Mapping[str, Any] | None,
-                     compare_metric: str, higher_is_better: bool = True, *,
-                     champion_version: int | str | None = None) -> Decision:
-    """Promote iff every gate passes AND (there is no champion OR strictly better than it on compare_metric).
-
-    `metrics` and `champion_metrics` may be nested ({"final": {"reward_accuracy": 0.8}}) or flat
-    ({"final.reward_accuracy": 0.8}); `champion_metrics=None` means there is no champion. A gate or compare metric
-    that is missing or NaN fails."""
+def check_gates(metrics: Mapping[str, Any], gates: Iterable[Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """([{"metric", "value", "min", "max", "passed"}], one reason line per gate) for nested or flat `metrics`."""
     flat = numeric_metrics(metrics)
     reasons: list[str] = []
     results: list[dict[str, Any]] = []
@@ -55,6 +49,19 @@ def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_
                                                 f"<= {high:g}" if high is not None else "") if part) or "present"
         results.append({"metric": name, "value": value, "min": low, "max": high, "passed": bool(passed)})
         reasons.append(f"gate {name} {bounds}: {_fmt(value)} {'passed' if passed else 'FAILED'}")
+    return results, reasons
+
+
+def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_metrics: Mapping[str, Any] | None,
+                     compare_metric: str, higher_is_better: bool = True, *,
+                     champion_version: int | str | None = None) -> Decision:
+    """Promote iff every gate passes AND (there is no champion OR strictly better than it on compare_metric).
+
+    `metrics` and `champion_metrics` may be nested ({"final": {"reward_accuracy": 0.8}}) or flat
+    ({"final.reward_accuracy": 0.8}); `champion_metrics=None` means there is no champion. A gate or compare metric
+    that is missing or NaN fails."""
+    flat = numeric_metrics(metrics)
+    results, reasons = check_gates(flat, gates)
     gates_ok = all(r["passed"] for r in results)
 
     value = flat.get(compare_metric)
