@@ -9,6 +9,8 @@ Writes outputs/adapters/<stage>/     adapter_model.safetensors + adapter_config.
        outputs/checkpoints/<stage>/  checkpoint-N/ every save_steps + fingerprint.json (resume after a kill)
        metrics/train_<stage>.json    final train/eval loss, steps, tokens, tokens/s, seconds, peak memory
        plots/loss_<stage>.csv|.png   the loss curve (step, loss, eval_loss)
+       MLflow                        loss, eval_loss, learning_rate, grad_norm, tokens/s per logging step, as the
+                                     metric history of this stage's run (when tracked)
 
 A rerun with the same inputs, data and input model resumes from the last checkpoint; anything else starts fresh.
 TUNEPIPE_FAIL_AFTER_STEP=N stops the run after step N (to try the resume by hand).

@@ -283,6 +283,10 @@ def test_ui_runs_mlflow_ui_on_localhost(project, monkeypatch, capsys):
     assert command[command.index("--artifacts-destination") + 1] == str(project / "mlartifacts")
     assert kwargs["cwd"] == project and kwargs["env"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     assert "prefect server start --host 127.0.0.1" in err and "http://127.0.0.1:4200" in err
+    # the experiment in MLflow's machine-learning layout (its default for an experiment is the GenAI one)
+    experiment = store.ensure_store(store.tracking_uri(project))
+    assert f"runs: http://127.0.0.1:5055/#/experiments/{experiment}/runs?workflowType=machine_learning\n" in err
+    assert "model: http://127.0.0.1:5055/#/models/x?workflowType=machine_learning\n" in err
 
 
 # --------------------------------------------------------------------------------------------- register stage
@@ -314,6 +318,7 @@ def stage_project(root: Path, accuracy: float) -> None:
         (root / "metrics" / f"data_{stage}.json").write_text(json.dumps({"rows_in": rows, "examples_out": rows - 1,
                                                                          "rows_dropped": 1, "tokens": 900}))
     (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  merge-dpo:\n    cmd: python -m stages.merge dpo\n"
+                                   "    deps:\n    - path: stages/merge.py\n      hash: md5\n      md5: 5eed\n"
                                    "    outs:\n    - path: outputs/models/dpo\n      hash: md5\n"
                                    "      md5: 0123abcd.dir\n")
 
@@ -339,10 +344,12 @@ def test_register_stage_end_to_end(project):
     assert row["metrics"]["final.reward_accuracy"] == 0.7 and row["metrics"]["base.reward_accuracy"] == 0.5
     assert row["tags"]["lineage.git_commit"] == "feedbeef" and row["tags"]["lineage.pipeline"] == "nightly"
     assert row["tags"]["lineage.dvc.outputs/models/dpo"] == "0123abcd.dir"
+    assert "lineage.dvc.stages/merge.py" not in row["tags"]  # code hashes: on the logged model, not the version
     assert row["tags"]["lineage.final_stage"] == "dpo" and len(row["tags"]["lineage.params_sha256"]) == 64
     assert row["tags"]["lineage.data.sft.dataset"] == "demo_sft"
     assert (row["tags"]["lineage.data.dpo.rows_in"], row["tags"]["lineage.data.dpo.examples_out"]) == ("30", "29")
     model = store.connect(project)[0].get_logged_model(logged_model.model_id_of(row["source"]))
+    assert model.tags["lineage.dvc.stages/merge.py"] == "5eed"
     assert model.params["train-dpo.preference.pref_beta"] == "0.1" and model.params["prepare-sft.dataset"] == \
         "demo_sft"  # the recipe: the effective values of every prepare and train step
     client = store.connect(project)[0]

@@ -38,6 +38,7 @@ MODEL_DIR_TAG = "tunepipe.model_dir"
 DIGEST_TAG = "tunepipe.model_sha256"
 LEGACY_METRIC_PREFIX = "metric."  # versions registered before metrics lived on the logged model
 HISTORY_KEEP = 200
+DVC_LINEAGE = "lineage.dvc."
 
 
 class RegistryError(TunepipeError):
@@ -127,6 +128,14 @@ def _ensure_registered_model(client, name: str) -> None:
                                        description="Registered by tunepipe's register stage.")
 
 
+def version_lineage_tags(lineage: Mapping[str, Any]) -> dict[str, str]:
+    """The lineage tags a version shows: all but the DVC hashes of code and data files (the md5 of every dvc.lock
+    path, ~100 tags that would fill the registry's version table); those of pipeline outputs stay. The logged model
+    and the register run carry every hash."""
+    return {key: value for key, value in lineage_tags(lineage).items()
+            if not key.startswith(DVC_LINEAGE) or key.startswith(DVC_LINEAGE + "outputs/")}
+
+
 def _create_version(client, uri: str, name: str, info, run_id: str, lineage: Mapping[str, Any], store: str,
                     model_dir: Path, digest: str) -> int:
     """A version whose source is the logged model (`models:/<model id>`), linked both ways as mlflow.register_model
@@ -134,7 +143,7 @@ def _create_version(client, uri: str, name: str, info, run_id: str, lineage: Map
     import mlflow
 
     _ensure_registered_model(client, name)
-    tags = lineage_tags(lineage)
+    tags = version_lineage_tags(lineage)
     tags.update({STORE_TAG: store, MODEL_DIR_TAG: str(model_dir.resolve()), DIGEST_TAG: digest})
     mlflow.set_tracking_uri(uri)  # the SQL registry store resolves models:/ sources with a default client
     mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)

@@ -28,4 +28,4 @@ def urls(host: str, port: int, experiment_id: str, model_name: str) -> dict[str,
     """{"runs": the experiment's runs list (machine-learning layout), "model": the registered model's page}."""
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/#"
     return {"runs": f"{base}/experiments/{experiment_id}/runs?workflowType=machine_learning",
-            "model": f"{base}/models/{quote(model_name, safe='')}"}
+            "model": f"{base}/models/{quote(model_name, safe='')}?workflowType=machine_learning"}

@@ -186,13 +186,15 @@ def plot_loss_curve(rows: list[dict], png_path: Path, title: str) -> None:
 class MetricHistoryCallback(TrainerCallback):
     """Every logging step's figures as MLflow metric history of the stage's run, so MLflow draws the curves: the
     trainer's numeric logs as transformers names them (`loss`, `learning_rate`, `grad_norm`, `epoch`, `eval_loss`,
-    TRL's `rewards/*`, ...) plus `tokens/s` from ProgressCallback, at step = the optimizer step.
+    TRL's `rewards/*`, ...) plus `step_tokens_per_second` (ProgressCallback's tok/s; a "/" would make MLflow file it
+    under a "tokens" section), at step = the optimizer step.
 
     Logs into `run_id` (default: the process's active MLflow run; none: does nothing), from the main process only.
     The trainer's end-of-training summary (train_runtime, the mean train_loss) is left out: metrics/train_<stage>.json
     holds the run's totals. Add it after ProgressCallback (it reads that callback's throughput)."""
 
     SUMMARY_KEY = "train_runtime"
+    STEP_THROUGHPUT = "step_tokens_per_second"  # not tokens_per_second: that is the run's average (train_<stage>.json)
 
     def __init__(self, progress: ProgressCallback | None = None, run_id: str | None = None):
         self.progress = progress
@@ -226,7 +228,7 @@ class MetricHistoryCallback(TrainerCallback):
         values = {clean_key(k): float(v) for k, v in logs.items() if k != "step"
                   and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if "loss" in logs and tokens_per_second is not None:
-            values["tokens/s"] = tokens_per_second
+            values[self.STEP_THROUGHPUT] = tokens_per_second
         now = int(time.time() * 1000)
         if values:
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
