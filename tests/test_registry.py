@@ -217,7 +217,8 @@ def test_apply_decision_and_register_model_separately_with_reference_store(proje
     assert aliases(project) == {1: []}  # registered, no alias until the decision is applied
     assert registry.apply_decision(project, NAME, version, Decision(False, ["manual check"])) == ["candidate"]
     (row,) = registry.list_versions(project, NAME)
-    assert row["tags"][registry.MODEL_DIR_TAG] == str(model.resolve()) and row["tags"][registry.STORE_TAG] == "reference"
+    assert row["tags"][registry.MODEL_DIR_TAG] == str(model.resolve())
+    assert row["tags"][registry.STORE_TAG] == "reference"
     assert not model_files(project)  # nothing copied: the MLmodel's model_config names the working tree's directory
     (mlmodel,) = (project / "mlartifacts").rglob("MLmodel")
     assert str(model.resolve()) in mlmodel.read_text()

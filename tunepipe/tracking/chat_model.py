@@ -7,8 +7,10 @@ imports only mlflow, pandas, torch and transformers - never tunepipe - and nothi
 the bottom runs on import).
 
 Input rows (a DataFrame, a list of dicts or one dict): `messages` ([{"role", "content"}, ...], rendered with the
-model's saved chat template, generation prompt added) or `prompt` (plain text, tokenized with the tokenizer's defaults). Output: a `text`
-column, the generated continuation without special tokens. Param `max_new_tokens`.
+model's saved chat template, generation prompt added) or `prompt` (plain text, tokenized with the tokenizer's
+defaults); one kind per request unless a DataFrame holds None in the other column (MLflow's schema check rejects
+the NaN a list of mixed dicts becomes). Output: a `text` column, the generated continuation without special tokens.
+Param `max_new_tokens`.
 """
 
 from __future__ import annotations
