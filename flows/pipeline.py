@@ -215,7 +215,9 @@ def _run(root: Path, force: list[str], lock: lifecycle.ProjectLock, logger) -> A
     register = root / "metrics" / "register.json"
     if not failed and register.exists():
         decision = json.loads(register.read_text())
-    pipeline_runs.finish_pipeline_run(parent, results, failed=bool(failed), killed=stopped is not None)
+    registered = any(r["name"] == "register" and r["status"] == RAN for r in results)
+    pipeline_runs.finish_pipeline_run(parent, results, failed=bool(failed), killed=stopped is not None,
+                                      noop=not stale, decision=decision if registered else None)
     lock.update(mlflow_run=None)
     if stopped is not None:  # no artifacts: stop within seconds, as asked
         return Failed(message=str(stopped), data={"stages": results, "model": None, "stopped": stopped.signum})

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages import common
+from stages import common, register
 
 HEADER = ("# Generated from params.yaml by `python -m stages.dag` (tunepipe run does it for you): edit params.yaml,\n"
           "# not this file. One stage per pipeline step; see docs/pipeline.md.\n")
@@ -36,6 +36,7 @@ VALUES_ONLY = ("tunepipe.config", "tunepipe.plan")
 TRACKING = "tunepipe.tracking"
 TINY_CORPUS = "tunepipe/assets/tiny_corpus.jsonl"
 LM_EVAL_TASKS = "tunepipe/assets/lm_eval"  # read by lm_eval at run time (YAML + its utils), not imported
+CHAT_MODEL = "tunepipe/tracking/chat_model.py"  # the registered model's code (MLflow models-from-code)
 
 
 class CodeGraph:
@@ -169,11 +170,16 @@ def build(root: Path, params) -> dict[str, Any]:
                 "meta": {"artifacts": ["metrics/samples.json"]},
             }
         elif step == "register":
+            # the recipe sections and row counts are the model's lineage; chat_model.py is not imported but copied
+            # into the registered model; `persist` keeps DVC's run cache from ever restoring register.json instead
+            # of running the stage (the registry would not hear of it)
+            recipe = register.recipe_steps(steps)
             stages[name] = {
-                "cmd": "python -m stages.register", "params": values(name),
-                "deps": [*code.files("stages.register", tracking=True), "metrics/evaluate.json",
+                "cmd": "python -m stages.register", "params": [{PLAN: [name, *recipe]}],
+                "deps": [*code.files("stages.register", tracking=True), CHAT_MODEL, "metrics/evaluate.json",
+                         *[f"metrics/data_{n.partition('-')[2]}.json" for n in recipe if n.startswith("prepare-")],
                          f"outputs/models/{spec.final_stage}"],
-                "metrics": [{"metrics/register.json": {"cache": False}}],
+                "metrics": [{"metrics/register.json": {"cache": False, "persist": True}}],
             }
     for body in stages.values():  # a path listed twice (e.g. a dataset used for train and eval) once
         body["deps"] = list(dict.fromkeys(body["deps"]))

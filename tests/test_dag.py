@@ -33,8 +33,12 @@ def test_the_default_graph():
                              "train-sft", "merge-sft", "train-dpo", "merge-dpo", "evaluate", "register"]
     for name, body in stages.items():
         assert len(body["deps"]) == len(set(body["deps"])), name  # no padding, no repeated file
-        if name != "params":  # every step compares exactly its own section of the plan
+        if name not in ("params", "register"):  # every step compares exactly its own section of the plan
             assert body["params"] == [{"outputs/params.yaml": [name]}]
+    # register also records the recipe of the model it registers (its lineage); DVC's run cache never restores it
+    assert stages["register"]["params"] == [{"outputs/params.yaml": [
+        "register", "prepare-cpt", "prepare-sft", "prepare-dpo", "train-cpt", "train-sft", "train-dpo"]}]
+    assert stages["register"]["metrics"] == [{"metrics/register.json": {"cache": False, "persist": True}}]
     assert stages["params"]["deps"][0] == "params.yaml"
     assert "tunepipe/config.py" in stages["params"]["deps"] and "tunepipe/plan.py" in stages["params"]["deps"]
     # its datasets, exactly

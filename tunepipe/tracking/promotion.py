@@ -63,17 +63,11 @@ def _usable(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
 
-def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_metrics: Mapping[str, Any] | None,
-                     compare_metric: str, higher_is_better: bool = True, *,
-                     champion_version: int | str | None = None) -> Decision:
-    """Promote iff every gate passes AND (there is no champion OR strictly better than it on compare_metric).
+def check_gates(metrics: Mapping[str, Any], gates: Iterable[Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """([{"metric", "value", ..., "passed"}], one reason line per gate) for nested or flat `metrics`.
 
     A gate is a bound (`min` / `max` on a metric) or a no-regression check against another metric of the same model
-    set (`baseline` with `max_drop` and/or `max_ratio`, e.g. dpo.pref_accuracy vs sft.pref_accuracy).
-
-    `metrics` and `champion_metrics` may be nested ({"final": {"reward_accuracy": 0.8}}) or flat
-    ({"final.reward_accuracy": 0.8}); `champion_metrics=None` means there is no champion. A gate or compare metric
-    that is missing or NaN fails."""
+    set (`baseline` with `max_drop` and/or `max_ratio`, e.g. dpo.pref_accuracy vs sft.pref_accuracy)."""
     flat = numeric_metrics(metrics)
     reasons: list[str] = []
     results: list[dict[str, Any]] = []
@@ -90,6 +84,20 @@ def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_
                                                 f"<= {high:g}" if high is not None else "") if part) or "present"
         results.append({"metric": name, "value": value, "min": low, "max": high, "passed": bool(passed)})
         reasons.append(f"gate {name} {bounds}: {_fmt(value)} {'passed' if passed else 'FAILED'}")
+    return results, reasons
+
+
+def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_metrics: Mapping[str, Any] | None,
+                     compare_metric: str, higher_is_better: bool = True, *,
+                     champion_version: int | str | None = None) -> Decision:
+    """Promote iff every gate passes (`check_gates`) AND (there is no champion OR strictly better than it on
+    compare_metric).
+
+    `metrics` and `champion_metrics` may be nested ({"final": {"reward_accuracy": 0.8}}) or flat
+    ({"final.reward_accuracy": 0.8}); `champion_metrics=None` means there is no champion. A gate or compare metric
+    that is missing or NaN fails."""
+    flat = numeric_metrics(metrics)
+    results, reasons = check_gates(flat, gates)
     gates_ok = all(r["passed"] for r in results)
 
     value = flat.get(compare_metric)
