@@ -53,6 +53,7 @@ def main(argv: list[str]) -> None:
 
     from tunepipe.errors import ConfigError
     from tunepipe.io import atomic_write_text
+    from tunepipe.metric_keys import metric_sources, missing_reason
     from tunepipe.tracking import registry as reg
     from tunepipe.tracking import runs
 
@@ -76,7 +77,10 @@ def main(argv: list[str]) -> None:
         result = reg.register_and_promote(
             common.ROOT, model, name=registry.model_name, run_id=run_id, metrics=metrics, lineage=lineage,
             gates=registry.gates, compare_metric=registry.compare_metric,
-            higher_is_better=registry.higher_is_better, store=registry.store)
+            higher_is_better=registry.higher_is_better, store=registry.store,
+            # a gate on a metric of a stage without held-out data says so, rather than only "missing"
+            missing={metric: missing_reason(stage) for metric, stage in metric_sources(list(spec.held_out)).items()
+                     if not spec.held_out[stage]})
         report = {"name": registry.model_name, **result.to_json()}
         atomic_write_text(common.metrics_file("register"), json.dumps(report, indent=2) + "\n")
 

@@ -38,13 +38,19 @@ def _usable(value: float | None) -> bool:
 
 def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_metrics: Mapping[str, Any] | None,
                      compare_metric: str, higher_is_better: bool = True, *,
-                     champion_version: int | str | None = None) -> Decision:
+                     champion_version: int | str | None = None, missing: Mapping[str, str] | None = None) -> Decision:
     """Promote iff every gate passes AND (there is no champion OR strictly better than it on compare_metric).
 
     `metrics` and `champion_metrics` may be nested ({"final": {"reward_accuracy": 0.8}}) or flat
     ({"final.reward_accuracy": 0.8}); `champion_metrics=None` means there is no champion. A gate or compare metric
-    that is missing or NaN fails."""
+    that is missing or NaN fails; `missing` says why a metric is known to be absent (metric -> reason, e.g. "no
+    held-out data for dpo ..."), which the reasons then give instead of "missing"."""
     flat = numeric_metrics(metrics)
+    why = dict(missing or {})
+
+    def shown(name: str, value: float | None) -> str:
+        return why[name] if value is None and name in why else _fmt(value)
+
     reasons: list[str] = []
     results: list[dict[str, Any]] = []
     for gate in gates:
@@ -54,13 +60,13 @@ def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_
         bounds = " and ".join(part for part in (f">= {low:g}" if low is not None else "",
                                                 f"<= {high:g}" if high is not None else "") if part) or "present"
         results.append({"metric": name, "value": value, "min": low, "max": high, "passed": bool(passed)})
-        reasons.append(f"gate {name} {bounds}: {_fmt(value)} {'passed' if passed else 'FAILED'}")
+        reasons.append(f"gate {name} {bounds}: {shown(name, value)} {'passed' if passed else 'FAILED'}")
     gates_ok = all(r["passed"] for r in results)
 
     value = flat.get(compare_metric)
     champ_name = f"champion v{champion_version}" if champion_version is not None else "champion"
     if not _usable(value):
-        reasons.append(f"{compare_metric} is {_fmt(value)} in the new model's metrics: cannot compare")
+        reasons.append(f"{compare_metric} is {shown(compare_metric, value)} in the new model's metrics: cannot compare")
         better = False
     elif champion_metrics is None:
         reasons.append(f"no champion yet ({compare_metric} {_fmt(value)})")

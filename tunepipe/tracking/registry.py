@@ -180,7 +180,7 @@ class Registration:
 def register_and_promote(project_root: str | Path, model_dir: str | Path, *, name: str, run_id: str,
                          metrics: Mapping[str, Any], lineage: Mapping[str, Any], gates: Iterable[Any],
                          compare_metric: str, higher_is_better: bool = True, store: str = "copy",
-                         artifact_path: str = "model") -> Registration:
+                         artifact_path: str = "model", missing: Mapping[str, str] | None = None) -> Registration:
     """Upload, then (under the store lock) read the champion, decide, create the version, move an alias last."""
     client, uri, _ = connect(project_root)
     model_dir = Path(model_dir)
@@ -188,7 +188,8 @@ def register_and_promote(project_root: str | Path, model_dir: str | Path, *, nam
     with lock(uri):
         current = _champion(client, name)
         decision = decide_promotion(metrics, list(gates), current["metrics"] if current else None, compare_metric,
-                                    higher_is_better, champion_version=current["version"] if current else None)
+                                    higher_is_better, champion_version=current["version"] if current else None,
+                                    missing=missing)
         version = _create_version(client, name, source, run_id, metrics, lineage, store, model_dir)
         aliases = _apply(client, name, version, decision)
     return Registration(version, aliases, decision, current["version"] if current else None)
