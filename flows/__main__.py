@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(result, BaseException):
         raise TunepipeError(f"pipeline failed: {result}")
     print(json.dumps(result) if args.json else status_line(result))
-    if state.is_failed():
+    if state.is_failed():  # the failed stage's own status: 2 for a user error (bad data, params), as the CLI's
         failed = next(r for r in result["stages"] if r["status"] == "failed")
         print(f"error: {failed.get('error', 'a stage failed')}", file=sys.stderr)
-        return 1
+        return 2 if failed.get("exit_code") == TunepipeError.exit_code else 1
     return 0
 
 

@@ -38,8 +38,23 @@ from stages.common import dvc_lock_hashes
 from tunepipe.errors import PipelineBusy
 from tunepipe.tracking import registry, store
 
-RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
+# skipped: DVC found the stage up to date; not run: an earlier stage failed
+RAN, SKIPPED, FAILED, NOT_RUN = "ran", "skipped", "failed", "not run"
 STARTUP = re.compile(r"\] start-up ([\d.]+) s")  # the line stages/common.py `work_begins` logs
+EXITED = re.compile(r"exited with (-?\d+)")  # DVC's "failed to run: <cmd>, exited with 2" (DVC itself exits 255)
+
+
+class StageFailed(RuntimeError):
+    """A stage process failed: its own exit status (2 = a user error, one line) and its error line."""
+
+    def __init__(self, name: str, code: int, message: str):
+        self.name, self.code, self.message = name, code, message
+        super().__init__(f"stage {name} failed (exit {code}): {message}")
+
+    def __reduce__(self):  # Prefect may pickle a task's exception
+        return StageFailed, (self.name, self.code, self.message)
+
+
 LOCK_FILE = "outputs/.pipeline.lock"
 
 
@@ -147,7 +162,8 @@ def run_stage(root: str, name: str, force: bool, env: dict[str, str]) -> dict[st
         # the stage's own one-line error says what is wrong; DVC's "failed to reproduce" line only says where
         message = next((l for l in reversed(tail) if l.startswith("error:")), None) or next(
             (l for l in reversed(tail) if l.startswith("ERROR:")), tail[-1] if tail else "")
-        raise RuntimeError(f"stage {name} failed (exit {code}): {message}")
+        exited = next((int(m.group(1)) for l in reversed(tail) if (m := EXITED.search(l))), code)
+        raise StageFailed(name, exited, message.removeprefix("error: "))
     return {"name": name, "status": RAN if ran else SKIPPED, "seconds": seconds, "startup_seconds": startup}
 
 
@@ -198,8 +214,9 @@ def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool 
                 try:
                     result = run_stage(str(root), name, name in force, env)
                 except Exception as err:
-                    results.append({"name": name, "status": FAILED, "seconds": 0.0, "error": str(err)})
-                    results += [{"name": n, "status": SKIPPED, "seconds": 0.0} for n in order[len(results):]]
+                    results.append({"name": name, "status": FAILED, "seconds": 0.0, "error": str(err),
+                                    "exit_code": err.code if isinstance(err, StageFailed) else 1})
+                    results += [{"name": n, "status": NOT_RUN, "seconds": 0.0} for n in order[len(results):]]
                     break
                 results.append(result)
                 if result["status"] == RAN:

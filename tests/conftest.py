@@ -46,6 +46,14 @@ def write_dataset(tmp_path: Path, entries: dict, files: dict[str, object]) -> Pa
 
 
 # ---------------------------------------------------------------------------------------------- pipeline projects
+# The smallest params.yaml of a project on the shipped demo data (model and stages are required sections).
+DEMO_PARAMS_YAML = """\
+model: {model_name_or_path: tiny, template: qwen}
+stages:
+  cpt: {dataset: demo_cpt, eval_dataset: demo_cpt_eval}
+  sft: {dataset: demo_sft, eval_dataset: demo_sft_eval}
+  dpo: {dataset: demo_dpo, eval_dataset: demo_dpo_eval}
+"""
 TINY_PARAMS = {
     "data": {"cutoff_len": 64, "max_samples": 24},
     "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 50},

@@ -387,27 +387,30 @@ def project_name(root: str | Path) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's data; a missing file or a syntax error is one line with the file and line."""
+def read_yaml(path: str | Path, *, display: str | None = None) -> Any:
+    """A YAML file's data; a missing file or a syntax error is one line with the file (`display`) and line."""
     import yaml
 
     path = Path(path)
+    file = display or str(path)
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError("file not found (run from the project root)", file=str(path)) from None
+        raise ConfigError("file not found (run from the project root)", file=file) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"invalid YAML{where}: {getattr(err, 'problem', None) or err}", file=str(path)) from None
+        raise ConfigError(f"invalid YAML{where}: {getattr(err, 'problem', None) or err}", file=file) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", *, display: str | None = None) -> Params:
+    """params.yaml, validated; errors name the file as `display` (default: the path)."""
     path = Path(path)
-    data = read_yaml(path)
+    file = display or str(path)
+    data = read_yaml(path, display=file)
     if data is not None and not isinstance(data, dict):
-        raise ConfigError("expected a mapping of sections (model, data, stages, ...)", file=str(path))
-    return parse_params(data, str(path), project_name=project_name(path.parent))
+        raise ConfigError("expected a mapping of sections (model, data, stages, ...)", file=file)
+    return parse_params(data, file, project_name=project_name(path.parent))
 
 
 def describe_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[tuple[str, str]]:

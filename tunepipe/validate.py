@@ -50,7 +50,7 @@ def _fail(message: str, key: str) -> ConfigError:
 
 def validate_project(root: str | Path) -> Validation:
     root = Path(root)
-    params = load_params(root / PARAMS_FILE)
+    params = load_params(root / PARAMS_FILE, display=PARAMS_FILE)
     result = Validation(params)
     folder = dataset_folder(root, params)
     _check_datasets(params, folder, result)
@@ -81,7 +81,8 @@ def _check_datasets(params: Params, folder: Path, result: Validation) -> None:
     from tunepipe.data.features import check_stage
     from tunepipe.data.registry import parse_entry, read_dataset_info, split_names
 
-    info, info_path = read_dataset_info(folder)
+    info, _ = read_dataset_info(folder)
+    info_path = Path(params.data.dataset_dir) / "dataset_info.json"  # as params.yaml names it
     offline = os.getenv("HF_HUB_OFFLINE", "1") != "0"  # the flow runs stages with HF_HUB_OFFLINE=1 unless told
     for stage in params.enabled_stages():
         for column in ("dataset", "eval_dataset"):
@@ -231,10 +232,14 @@ def _check_metrics(params: Params, result: Validation) -> None:
     wanted = [(f"registry.gates.{i}.metric", gate.metric) for i, gate in enumerate(registry.gates)]
     if params.registry.compare_metric is not None:
         wanted.append(("registry.compare_metric", registry.compare_metric))
+    every = {**metric_sources(["cpt", "sft", "kto"]), **metric_sources(["cpt", "sft", "dpo"])}
     for key, metric in wanted:
         if metric not in sources:
             final = ", ".join(k for k in sources if k.startswith("final."))
-            hint = close(metric, sources) or f" (it writes e.g. {final})"
+            if metric in every:  # a real metric, of a stage this project does not run (or runs earlier)
+                hint = f" (it is computed on {every[metric]} data{'' if every[metric] in stages else ': add that stage'})"
+            else:
+                hint = close(metric, sources) or f" (it writes e.g. {final})"
             raise _fail(f"{metric!r} is not a metric evaluate writes for stages {', '.join(stages)}{hint}", key)
     bare = [s for s in stages if not params.has_held_out(s)]
     if bare:
