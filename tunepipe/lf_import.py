@@ -75,6 +75,7 @@ IGNORED = {
     "flash_attn": "attention kernel: speed only",
     "enable_liger_kernel": "speed only",
     "create_new_adapter": "every stage trains a fresh adapter on the previous stage's merged model",
+    "resize_vocab": "the embedding is resized (and trained) whenever the tokenizer outgrows it",
     "adapter_name_or_path": "the stages are chained by tunepipe (an adapter of an earlier imported stage)",
     "do_eval": "held-out data is scored after training and by the evaluate stage",
     "eval_strategy": "held-out data is scored after training and by the evaluate stage",
@@ -87,10 +88,10 @@ IGNORED = {
 REFUSED = {
     "quantization_bit": None, "quantization_method": "bnb", "double_quantization": True,
     "streaming": False, "tokenized_path": None, "buffer_size": 16384, "interleave_probs": None, "media_dir": None,
-    "enable_thinking": True, "mix_strategy_probs": None, "fp16": False, "pure_bf16": False, "warmup_steps": 0,
+    "enable_thinking": True, "fp16": False, "pure_bf16": False, "warmup_steps": 0,
     "rope_scaling": None, "neftune_noise_alpha": None, "loraplus_lr_ratio": None, "pissa_init": False,
     "use_unsloth": False, "use_galore": False, "use_badam": False, "use_apollo": False, "freeze_vision_tower": True,
-    "ref_model": None, "ref_model_adapters": None, "new_special_tokens": None, "resize_vocab": False,
+    "ref_model": None, "ref_model_adapters": None, "new_special_tokens": None,
     "do_predict": False, "eval_on_each_dataset": False, "export_dir": None, "upcast_layernorm": False,
     "optim": "adamw_torch", "lr_scheduler_kwargs": None, "dpo_label_smoothing": 0.0, "pref_bco_weight": 0.0,
 }

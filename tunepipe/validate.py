@@ -55,6 +55,7 @@ def validate_project(root: str | Path) -> Validation:
     folder = dataset_folder(root, params)
     _check_datasets(params, folder, result)
     _check_templates(params)
+    _check_parsed_templates(params, model_folder(root, params.model.model_name_or_path))
     modules = model_modules(root, params.model.model_name_or_path)
     _check_lora(params, modules)
     _check_metrics(params, result)
@@ -139,6 +140,33 @@ def _check_templates(params: Params) -> None:
             raise _fail(err.message, key if err.key == "template" else f"stages.{stage}.{err.key}") from None
 
 
+def _check_parsed_templates(params: Params, folder: Path | str | None) -> None:
+    """template null = LF's default: the tokenizer's own chat template, else `empty`. `empty` renders turns with no
+    separator, so a merged model cannot carry it as a chat_template (merge-<stage> refuses after training)."""
+    if folder is None:
+        return
+    for stage in params.enabled_stages():
+        if params.stage_template(stage) is None and not has_chat_template(folder):
+            key = f"stages.{stage}.template" if "template" in params.stage(stage).model_fields_set else \
+                "model.template"
+            named = params.model.template or "qwen"
+            raise _fail(f"null means LLaMA-Factory's default, the tokenizer's own chat template, but "
+                        f"{params.model.model_name_or_path} has none (LF then uses `empty`, which a merged model "
+                        f"cannot carry as its chat template): name one, e.g. {named}", key)
+
+
+def has_chat_template(folder: Path | str) -> bool:
+    if folder == TINY:
+        return False  # the tiny tokenizer is trained from scratch (tunepipe/models/tiny.py) and has none
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError):
+        return True  # cannot tell: the prepare stage will
+
+
 # ---------------------------------------------------------------------------------------------------------- model
 # The tiny model is a Qwen2ForCausalLM (tunepipe/models/tiny.py): its module names, without building it.
 TINY_MODULES = ("model.embed_tokens", "model.norm", "lm_head", *(
@@ -162,27 +190,36 @@ def _cached_snapshot(repo_id: str) -> Path | None:
     return found[-1] if found else None
 
 
-def model_modules(root: Path, model: str) -> list[str] | None:
-    """The module names of the base model (None when its weights cannot be read without loading it)."""
+def model_folder(root: Path, model: str) -> Path | str | None:
+    """Where the base model's files are: a local directory, its Hugging Face cache snapshot, `tiny`, or None
+    (online: the hub decides). A model that cannot be there is a one-line error."""
     key = "model.model_name_or_path"
     if model == TINY:
-        return list(TINY_MODULES)
+        return TINY
     local = root / os.path.expanduser(model)
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise _fail(f"{model}: not a model directory (no config.json)", key)
-        return weight_modules(local)
+        return local
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
     if looks_like_path:
         raise _fail(f"{model}: no such directory (relative paths start at the project root {root.resolve()})", key)
     if os.getenv("HF_HUB_OFFLINE", "1") == "0":
-        return None  # online: the hub decides
+        return None
     snapshot = _cached_snapshot(model)
     if snapshot is None:
         raise _fail(f"{model!r} is neither a local directory nor in the Hugging Face cache ({hf_cache_dir()}); "
                     f"runs are offline (HF_HUB_OFFLINE=1): download it first (`hf download {model}`) or give a "
                     "local directory", key)
-    return weight_modules(snapshot)
+    return snapshot
+
+
+def model_modules(root: Path, model: str) -> list[str] | None:
+    """The module names of the base model (None when its weights cannot be read without loading it)."""
+    folder = model_folder(root, model)
+    if folder == TINY:
+        return list(TINY_MODULES)
+    return weight_modules(folder) if folder is not None else None
 
 
 def weight_modules(folder: Path) -> list[str] | None:
