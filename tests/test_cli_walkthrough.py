@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import COPY, LF_DEMO, ROOT, SHARED
+from tests.conftest import LF_DEMO, ROOT, SHARED, copy_project
 from tunepipe.metric_keys import metric_sources
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,6 @@ def walkthrough() -> list[list[str]]:
 def byo(tmp_path_factory, prefect_harness):
     from prefect.settings import get_current_settings
 
-    from tests.test_tracking import migrated_template
-
     if not LF_DEMO.is_dir() or not (SHARED / "data" / "llamafactory-examples").is_dir():
         pytest.skip("../shared/data (LLaMA-Factory's demo folder and examples) is not beside the project")
     base = tmp_path_factory.mktemp("byo")
@@ -52,22 +50,10 @@ def byo(tmp_path_factory, prefect_harness):
         shutil.copy(LF_DEMO / name, demo / name)
     (base / "shared" / "data" / "llamafactory-examples").symlink_to(SHARED / "data" / "llamafactory-examples")
     root = base / "project"
-    root.mkdir()
-    for name in COPY:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, root / name)
-    shutil.copy(migrated_template(tmp_path_factory), root / "mlflow.db")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    copy_project(root, tmp_path_factory)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PREFECT_API_URL": get_current_settings().api.url}
     env.pop("MLFLOW_TRACKING_URI", None)
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                    [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-                    ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
-        subprocess.run(command, cwd=root, check=True, env=env, capture_output=True)
     return root, env
 
 

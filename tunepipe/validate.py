@@ -274,7 +274,8 @@ def _check_metrics(params: Params, result: Validation) -> None:
         if metric not in sources:
             final = ", ".join(k for k in sources if k.startswith("final."))
             if metric in every:  # a real metric, of a stage this project does not run (or runs earlier)
-                hint = f" (it is computed on {every[metric]} data{'' if every[metric] in stages else ': add that stage'})"
+                missing = "" if every[metric] in stages else ": add that stage"
+                hint = f" (it is computed on {every[metric]} data{missing})"
             else:
                 hint = close(metric, sources) or f" (it writes e.g. {final})"
             raise _fail(f"{metric!r} is not a metric evaluate writes for stages {', '.join(stages)}{hint}", key)

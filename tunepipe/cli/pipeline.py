@@ -121,7 +121,8 @@ def params_table(
     width = max((len(r["key"]) for r in shown), default=3)
     print(f"  {'key':<{width}}  {'in effect':<32}  default")
     for r in shown:
-        print(f"{'*' if r['set'] else ' '} {r['key']:<{width}}  {_short(r['value'], 32):<32}  {_short(r['default'], 40)}")
+        mark = "*" if r["set"] else " "
+        print(f"{mark} {r['key']:<{width}}  {_short(r['value'], 32):<32}  {_short(r['default'], 40)}")
     hidden = len(rows) - len(shown)
     print(f"* = written in params.yaml" + (f"; {hidden} more keys at their defaults (--all)" if hidden else "")
           + "; stage keys not shown take train: and lora:; --keys: help text", file=sys.stderr)
