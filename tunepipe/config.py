@@ -18,7 +18,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer
 
 from tunepipe.errors import ConfigError
 
@@ -159,6 +159,15 @@ class StageParams(TrainParams, PreferenceParams):
     train_on_prompt: bool = Field(False, description="sft: also train on prompt tokens.")
     mask_history: bool = Field(False, description="sft: train on the last turn only.")
     neat_packing: bool = Field(False, description="sft: LF's neat_packing in the exported data.")
+
+    @model_serializer(mode="wrap")
+    def _unset_template_is_absent(self, handler):
+        """A template not written means model.template, `null` LF's default: a dump that parses back must keep the
+        difference, so an unset one is left out."""
+        data = handler(self)
+        if "template" not in self.model_fields_set and isinstance(data, dict):
+            data.pop("template", None)
+        return data
 
 
 def _absent_stage() -> Any:
