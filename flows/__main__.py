@@ -57,10 +57,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {stopped['error']} during {stopped['name']} ({done} stage(s) had run; the next run resumes "
               f"from the last checkpoint)", file=sys.stderr)
         return 128 + result["stopped"]
-    if state.is_failed():
+    if state.is_failed():  # the failed stage's own status: 2 for a user error (bad data, params), as the CLI's
         failed = next(r for r in result["stages"] if r["status"] == "failed")
         print(f"error: {failed.get('error', 'a stage failed')}", file=sys.stderr)
-        return 1
+        return 2 if failed.get("exit_code") == TunepipeError.exit_code else 1
     model = result.get("model")
     registered = any(r["name"] == "register" and r["status"] == "ran" for r in result["stages"])
     if args.strict and registered and model and not model.get("promoted"):

@@ -37,8 +37,23 @@ from stages.common import dvc_lock_hashes
 from tunepipe.errors import PipelineBusy  # noqa: F401  (re-exported: what a busy project raises)
 from tunepipe.tracking import registry, store
 
+# skipped: DVC found the stage up to date; not run: an earlier stage failed or the run was stopped
 RAN, SKIPPED, FAILED, STOPPED, NOT_RUN = "ran", "skipped", "failed", "stopped", "not run"
 STARTUP = re.compile(r"\] start-up ([\d.]+) s")  # the line stages/common.py `work_begins` logs
+EXITED = re.compile(r"exited with (-?\d+)")  # DVC's "failed to run: <cmd>, exited with 2" (DVC itself exits 255)
+
+
+class StageFailed(RuntimeError):
+    """A stage process failed: its own exit status (2 = a user error, one line) and its error line."""
+
+    def __init__(self, name: str, code: int, message: str):
+        self.name, self.code, self.message = name, code, message
+        super().__init__(f"stage {name} failed (exit {code}): {message}")
+
+    def __reduce__(self):  # Prefect may pickle a task's exception
+        return StageFailed, (self.name, self.code, self.message)
+
+
 _LOCK: dict[str, lifecycle.ProjectLock] = {}  # the running flow's lock, so a stage task can record its process group
 
 
@@ -133,7 +148,8 @@ def run_stage(root: str, name: str, force: bool, env: dict[str, str]) -> dict[st
         # the stage's own one-line error says what is wrong; DVC's "failed to reproduce" line only says where
         message = next((l for l in reversed(tail) if l.startswith("error:")), None) or next(
             (l for l in reversed(tail) if l.startswith("ERROR:")), tail[-1] if tail else "")
-        raise RuntimeError(f"stage {name} failed (exit {code}): {message}")
+        exited = next((int(m.group(1)) for l in reversed(tail) if (m := EXITED.search(l))), code)
+        raise StageFailed(name, exited, message.removeprefix("error: "))
     return {"name": name, "status": RAN if ran else SKIPPED, "seconds": seconds, "startup_seconds": startup}
 
 
@@ -199,7 +215,8 @@ def _run(root: Path, force: list[str], lock: lifecycle.ProjectLock, logger) -> A
                 results.append({"name": name, "status": STOPPED, "seconds": 0.0, "error": str(stop)})
                 pipeline_runs.record_stopped(root, parent, name)
             except Exception as err:
-                results.append({"name": name, "status": FAILED, "seconds": 0.0, "error": str(err)})
+                results.append({"name": name, "status": FAILED, "seconds": 0.0, "error": str(err),
+                                "exit_code": err.code if isinstance(err, StageFailed) else 1})
             else:
                 results.append(result)
                 if result["status"] == RAN:

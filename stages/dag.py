@@ -22,6 +22,7 @@ times (workspace, DVC cache, MLflow registry).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,15 @@ class CodeGraph:
 
 
 def _relative(root: Path, path: Path) -> str:
-    """A dependency path as DVC should see it: relative to the project when inside it, else absolute."""
-    path = path.resolve()
+    """A dependency path as DVC should see it: relative to the project when inside it; outside it, as params.yaml
+    wrote it (`../lf-data/x.json` stays relative, so dvc.yaml is the same in every checkout beside the data)."""
     try:
-        return path.relative_to(root.resolve()).as_posix()
+        return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
+        pass
+    try:
+        return Path(os.path.normpath(path.relative_to(root))).as_posix()
+    except ValueError:  # an absolute path written in params.yaml
         return str(path)
 
 
@@ -119,9 +124,11 @@ def build(root: Path, params) -> dict[str, Any]:
         names = [s.dataset, s.eval_dataset, *([s.replay_dataset] if replay and s.replay_ratio > 0 else [])]
         return [info, *dataset_files(root, params.data.dataset_dir, names)]
 
+    # pyproject.toml: its [project] name is the registered model's default name (tunepipe.config.project_name)
+    project = ["pyproject.toml"] if (root / "pyproject.toml").is_file() else []
     stages: dict[str, Any] = {
-        "params": {"cmd": "python -m stages.params", "deps": ["params.yaml", *code.files("stages.params", values=True)],
-                   "outs": [PLAN]},
+        "params": {"cmd": "python -m stages.params",
+                   "deps": ["params.yaml", *project, *code.files("stages.params", values=True)], "outs": [PLAN]},
     }
     base_deps = code.files("stages.base")
     if params.model.model_name_or_path == TINY:  # its tokenizer is trained on this frozen corpus

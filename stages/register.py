@@ -82,6 +82,7 @@ def main(argv: list[str]) -> None:
 
     from tunepipe.errors import ConfigError
     from tunepipe.io import atomic_write_text
+    from tunepipe.metric_keys import metric_sources, missing_reason
     from tunepipe.tracking import registry as reg
     from tunepipe.tracking import runs
     from tunepipe.tracking.promotion import no_regression_gates
@@ -110,7 +111,10 @@ def main(argv: list[str]) -> None:
                                                           registry.no_regression_vs)],
             compare_metric=registry.compare_metric,
             higher_is_better=registry.higher_is_better, store=registry.store,
-            model_params={name: section.model_dump(mode="json") for name, section in recipe.items()})
+            model_params={name: section.model_dump(mode="json") for name, section in recipe.items()},
+            # a gate on a metric of a stage without held-out data says so, rather than only "missing"
+            missing={metric: missing_reason(stage) for metric, stage in metric_sources(list(spec.held_out)).items()
+                     if not spec.held_out[stage]})
         if result.model != reg.NEW:  # no new logged model took the metrics: the run still shows what was decided on
             runs.log_metrics(metrics, run_id)
         report = {"name": registry.model_name, **result.to_json()}

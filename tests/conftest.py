@@ -46,6 +46,14 @@ def write_dataset(tmp_path: Path, entries: dict, files: dict[str, object]) -> Pa
 
 
 # ---------------------------------------------------------------------------------------------- pipeline projects
+# The smallest params.yaml of a project on the shipped demo data (model and stages are required sections).
+DEMO_PARAMS_YAML = """\
+model: {model_name_or_path: tiny, template: qwen}
+stages:
+  cpt: {dataset: demo_cpt, eval_dataset: demo_cpt_eval}
+  sft: {dataset: demo_sft, eval_dataset: demo_sft_eval}
+  dpo: {dataset: demo_dpo, eval_dataset: demo_dpo_eval}
+"""
 TINY_PARAMS = {
     "data": {"cutoff_len": 64, "max_samples": 24},
     "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 50},
@@ -70,20 +78,20 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture(scope="session")
-def pipeline_project(tmp_path_factory, prefect_harness):
-    """A temp copy of the project (git + dvc init, pre-migrated MLflow store) with a tiny training budget."""
+def copy_project(root: Path, tmp_path_factory, edit=None) -> None:
+    """A copy of the project in `root` (created) as a git + DVC repository with a pre-migrated MLflow store;
+    `edit(root)` changes it before the first commit."""
     from tests.test_tracking import migrated_template
 
-    root = tmp_path_factory.mktemp("project")
+    root.mkdir(parents=True, exist_ok=True)
     for name in COPY:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, root / name)
-    params = deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY_PARAMS)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if edit is not None:
+        edit(root)
     shutil.copy(migrated_template(tmp_path_factory), root / "mlflow.db")
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
@@ -91,6 +99,17 @@ def pipeline_project(tmp_path_factory, prefect_harness):
                     [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
                     ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
         subprocess.run(command, cwd=root, check=True, env=env, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory, prefect_harness):
+    """A temp copy of the project (git + dvc init, pre-migrated MLflow store) with a tiny training budget."""
+    def tiny_budget(root: Path) -> None:
+        params = deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY_PARAMS)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    root = tmp_path_factory.mktemp("project")
+    copy_project(root, tmp_path_factory, tiny_budget)
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the project's own store: <root>/mlflow.db
     yield root

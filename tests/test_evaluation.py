@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.conftest import DEMO_PARAMS_YAML  # noqa: E402
 from tunepipe.evaluation import scoring as E  # noqa: E402
 from tunepipe.data.converters import Example  # noqa: E402
 from tunepipe.data.processors import Processor, ProcessorOptions  # noqa: E402
@@ -259,7 +260,7 @@ def test_stage_writes_metrics_files(tiny, tmp_path, monkeypatch):
     project = tmp_path / "project"
     shutil.copytree(ROOT / "data", project / "data")
     (project / "params.yaml").write_text(
-        "model: {template: qwen}\ndata: {cutoff_len: 64, max_samples: 12}\n"
+        DEMO_PARAMS_YAML + "data: {cutoff_len: 64, max_samples: 12}\n"
         "evaluate: {max_new_tokens: 4, max_eval_samples: 6, num_samples: 2, knowledge_file: knowledge_eval.json,\n"
         "           max_fact_questions: 2, fact_samples: 1}\n")
     monkeypatch.chdir(project)  # stages run from the project root, as DVC starts them

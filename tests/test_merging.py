@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.conftest import DEMO_PARAMS_YAML  # noqa: E402
 from tunepipe.models import merging  # noqa: E402
 from tunepipe.data.templates import get_template  # noqa: E402
 from tunepipe.models.merging import MergeError, check_chat_template, merge_adapter  # noqa: E402
@@ -296,7 +297,7 @@ def test_stage_cli(tiny, tmp_path, monkeypatch, capsys):
 
     project = tmp_path / "project"
     shutil.copytree(ROOT / "data", project / "data")
-    (project / "params.yaml").write_text("model: {template: qwen}\nevaluate: {max_new_tokens: 4}\n")
+    (project / "params.yaml").write_text(DEMO_PARAMS_YAML + "evaluate: {max_new_tokens: 4}\n")
     monkeypatch.chdir(project)  # stages run from the project root, as DVC starts them
     params_stage.write()
     shutil.copytree(tiny, common.base_model_dir())

@@ -147,7 +147,7 @@ def test_failed_stage_leaves_the_registry_untouched(project):
     assert state.is_failed()
     failed = [s for s in result["stages"] if s["status"] == "failed"]
     assert [s["name"] for s in failed] == ["prepare-dpo"] and "invalid JSON" in failed[0]["error"]
-    assert statuses(result)["register"] == "not run"  # not "skipped": that word means up to date
+    assert statuses(result)["register"] == "not run" and failed[0]["exit_code"] == 2
     assert versions(project) == before
     assert (project / "metrics" / "register.json").read_text() == register_before
     subprocess.run(["git", "checkout", "--", "data/demo_dpo.json"], cwd=project, check=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tests.test_tracking as shared
-from tests.conftest import ROOT, cli
+from tests.conftest import DEMO_PARAMS_YAML, ROOT, cli
 from tunepipe.tracking import logged_model, registry, runs, store
 from flows import pipeline_runs
 from tunepipe.config import Gate
@@ -265,7 +265,7 @@ def test_models_cli_outside_a_project_is_one_line_error(tmp_path, monkeypatch, c
 
 
 def test_ui_runs_mlflow_ui_on_localhost(project, monkeypatch, capsys):
-    (project / "params.yaml").write_text("registry:\n  model_name: x\n")
+    (project / "params.yaml").write_text(DEMO_PARAMS_YAML + "registry:\n  model_name: x\n")
     started = []
 
     class FakeServer:
@@ -292,9 +292,10 @@ def test_ui_runs_mlflow_ui_on_localhost(project, monkeypatch, capsys):
 
 # --------------------------------------------------------------------------------------------- register stage
 PARAMS = """\
+model: {model_name_or_path: tiny}
 stages:
-  cpt: {enabled: false}
-  kto: {enabled: false}
+  sft: {dataset: demo_sft, eval_dataset: demo_sft_eval}
+  dpo: {dataset: demo_dpo, eval_dataset: demo_dpo_eval}
 registry:
   model_name: tiny-model
   compare_metric: final.reward_accuracy

@@ -73,10 +73,10 @@ def make_params(stage: str = "sft", *, lora: dict | None = None, **stage_values)
     values = {"max_steps": 4, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
               "logging_steps": 1, "save_steps": 100, "learning_rate": 5e-3, **stage_values}
     return parse_params({
-        "model": {"template": "qwen"},
+        "model": {"model_name_or_path": "tiny", "template": "qwen"},
         "data": {"cutoff_len": CUTOFF},
         "lora": {"lora_rank": 8, **(lora or {})},
-        "stages": {stage: values, **({"dpo": {"enabled": False}} if stage == "kto" else {})},
+        "stages": {stage: {"dataset": f"demo_{stage}", **values}},
     })
 
 

@@ -97,7 +97,9 @@ class EvaluateInputs(Section):
 class RegisterInputs(Section):
     final_stage: StageName = Field(description="The stage whose merged model is registered.")
     stages: list[StageName] = Field(description="The enabled stages, in order (for the no-regression gates).")
-    registry: RegistryParams = Field(description="The registry: section.")
+    registry: RegistryParams = Field(description="The registry: section, defaults resolved (name, compare metric).")
+    held_out: dict[str, bool] = Field(description="Each enabled stage -> has it held-out data (eval_dataset or "
+                                                  "val_size)? A gate on a metric of a stage without says so.")
 
 
 SECTIONS: dict[str, type[Section]] = {"base": BaseInputs, "prepare": PrepareInputs, "train": TrainInputs,
@@ -185,7 +187,8 @@ def plan(params: Params) -> dict[str, Section]:
         steps[dvc_stage("train", stage)] = train_inputs(params, stage)
         steps[dvc_stage("merge", stage)] = merge_inputs(params, stage)
     steps["evaluate"] = evaluate_inputs(params)
-    steps["register"] = RegisterInputs(final_stage=enabled[-1], stages=enabled, registry=params.registry)
+    steps["register"] = RegisterInputs(final_stage=enabled[-1], stages=enabled, registry=params.registry_in_effect(),
+                                       held_out={s: params.has_held_out(s) for s in enabled})
     return steps
 
 

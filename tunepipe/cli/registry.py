@@ -18,17 +18,18 @@ app.add_typer(models_app, name="models")
 
 
 def _registry_settings(project: Path):
-    """(root, the project's registry: settings) from params.yaml; defaults where only a store exists."""
-    from tunepipe.config import RegistryParams, load_params
+    """(root, the project's registry: settings in effect) from params.yaml; defaults where only a store exists."""
+    from tunepipe.config import DEFAULT_PROJECT_NAME, HEADLINE_METRIC, RegistryParams, load_params, project_name
     from tunepipe.errors import ConfigError
     from tunepipe.tracking.store import DB_NAME, ENV_TRACKING_URI
 
     root = project.resolve()
     params_file = root / "params.yaml"
     if params_file.exists():
-        registry = load_params(params_file).registry
-    elif os.getenv(ENV_TRACKING_URI) or (root / DB_NAME).exists():
-        registry = RegistryParams()
+        registry = load_params(params_file).registry_in_effect()
+    elif os.getenv(ENV_TRACKING_URI) or (root / DB_NAME).exists():  # no params: the defaults of a dpo chain
+        registry = RegistryParams(model_name=project_name(root) or DEFAULT_PROJECT_NAME,
+                                  compare_metric=HEADLINE_METRIC["dpo"])
     else:  # don't create an empty store in the wrong directory
         raise ConfigError(f"no params.yaml and no {DB_NAME} in {root}: run from a tunepipe project (or pass "
                           f"--project, or set {ENV_TRACKING_URI})")

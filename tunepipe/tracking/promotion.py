@@ -63,12 +63,20 @@ def _usable(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
 
-def check_gates(metrics: Mapping[str, Any], gates: Iterable[Any]) -> tuple[list[dict[str, Any]], list[str]]:
+def check_gates(metrics: Mapping[str, Any], gates: Iterable[Any], *,
+                missing: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """([{"metric", "value", ..., "passed"}], one reason line per gate) for nested or flat `metrics`.
 
     A gate is a bound (`min` / `max` on a metric) or a no-regression check against another metric of the same model
-    set (`baseline` with `max_drop` and/or `max_ratio`, e.g. dpo.pref_accuracy vs sft.pref_accuracy)."""
+    set (`baseline` with `max_drop` and/or `max_ratio`, e.g. dpo.pref_accuracy vs sft.pref_accuracy). `missing`
+    says why a metric is known to be absent (metric -> reason, e.g. "no held-out data for dpo ..."), which the
+    reasons then give instead of "missing"."""
     flat = numeric_metrics(metrics)
+    why = dict(missing or {})
+
+    def shown(name: str, value: float | None) -> str:
+        return why[name] if value is None and name in why else _fmt(value)
+
     reasons: list[str] = []
     results: list[dict[str, Any]] = []
     for gate in gates:
@@ -83,27 +91,32 @@ def check_gates(metrics: Mapping[str, Any], gates: Iterable[Any]) -> tuple[list[
         bounds = " and ".join(part for part in (f">= {low:g}" if low is not None else "",
                                                 f"<= {high:g}" if high is not None else "") if part) or "present"
         results.append({"metric": name, "value": value, "min": low, "max": high, "passed": bool(passed)})
-        reasons.append(f"gate {name} {bounds}: {_fmt(value)} {'passed' if passed else 'FAILED'}")
+        reasons.append(f"gate {name} {bounds}: {shown(name, value)} {'passed' if passed else 'FAILED'}")
     return results, reasons
 
 
 def decide_promotion(metrics: Mapping[str, Any], gates: Iterable[Any], champion_metrics: Mapping[str, Any] | None,
                      compare_metric: str, higher_is_better: bool = True, *,
-                     champion_version: int | str | None = None) -> Decision:
+                     champion_version: int | str | None = None, missing: Mapping[str, str] | None = None) -> Decision:
     """Promote iff every gate passes (`check_gates`) AND (there is no champion OR strictly better than it on
     compare_metric).
 
     `metrics` and `champion_metrics` may be nested ({"final": {"reward_accuracy": 0.8}}) or flat
     ({"final.reward_accuracy": 0.8}); `champion_metrics=None` means there is no champion. A gate or compare metric
-    that is missing or NaN fails."""
+    that is missing or NaN fails; `missing` explains absent metrics (see check_gates)."""
     flat = numeric_metrics(metrics)
-    results, reasons = check_gates(flat, gates)
+    why = dict(missing or {})
+
+    def shown(name: str, value: float | None) -> str:
+        return why[name] if value is None and name in why else _fmt(value)
+
+    results, reasons = check_gates(flat, gates, missing=missing)
     gates_ok = all(r["passed"] for r in results)
 
     value = flat.get(compare_metric)
     champ_name = f"champion v{champion_version}" if champion_version is not None else "champion"
     if not _usable(value):
-        reasons.append(f"{compare_metric} is {_fmt(value)} in the new model's metrics: cannot compare")
+        reasons.append(f"{compare_metric} is {shown(compare_metric, value)} in the new model's metrics: cannot compare")
         better = False
     elif champion_metrics is None:
         reasons.append(f"no champion yet ({compare_metric} {_fmt(value)})")

@@ -261,23 +261,26 @@ class _Decide:
     gates: list[Any]
     compare_metric: str
     higher_is_better: bool
+    missing: dict[str, str]
 
     def __call__(self, current: dict[str, Any] | None) -> Decision:
         return decide_promotion(self.metrics, self.gates, current["metrics"] if current else None,
                                 self.compare_metric, self.higher_is_better,
-                                champion_version=current["version"] if current else None)
+                                champion_version=current["version"] if current else None, missing=self.missing)
 
 
 def register_and_promote(project_root: str | Path, model_dir: str | Path, *, name: str, run_id: str,
                          metrics: Mapping[str, Any], lineage: Mapping[str, Any], gates: Iterable[Any],
                          compare_metric: str, higher_is_better: bool = True, store: str = "copy",
-                         model_params: Mapping[str, Any] | None = None) -> Registration:
+                         model_params: Mapping[str, Any] | None = None,
+                         missing: Mapping[str, str] | None = None) -> Registration:
     """Find or upload the model, then (under the store lock) read the champion, decide, create the version if the
-    bytes are new, move an alias last. `run_id` must be the active MLflow run (the logged model's source run)."""
+    bytes are new, move an alias last. `run_id` must be the active MLflow run (the logged model's source run).
+    `missing`: why a metric is known to be absent (see tunepipe.tracking.promotion.check_gates)."""
     client, uri, _ = connect(project_root)
     model_dir = Path(model_dir)
     digest = logged_model.model_digest(model_dir)
-    decide = _Decide(metrics, list(gates), compare_metric, higher_is_better)
+    decide = _Decide(metrics, list(gates), compare_metric, higher_is_better, dict(missing or {}))
     existing = _same_model(client, name, digest, store)
     info = None
     if existing is None:
