@@ -590,12 +590,17 @@ def synthetic_digest() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+# The `tiny` axis builds the embedded model's recipe on a frozen copy of the corpus the golden records were written
+# with, so that new demo data (a new shipped tokenizer) does not silently retire 81 parity cases.
+PARITY_TINY_CORPUS = Path(__file__).resolve().parent / "parity_assets" / "tiny_corpus.jsonl"
+
+
 def tiny_model_dir(cache_dir: Path = CACHE) -> Path:
-    """The embedded `tiny` model's directory (built deterministically on first use)."""
+    """The embedded `tiny` model's recipe on the frozen parity corpus (built deterministically on first use)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tunepipe.models.tiny import resolve_model_path
 
-    return Path(resolve_model_path("tiny", cache_dir=cache_dir))
+    return Path(resolve_model_path("tiny", cache_dir=cache_dir, corpus_files=[PARITY_TINY_CORPUS]))
 
 
 def tiny_tokenizer_dir(cache_dir: Path = CACHE) -> Path:

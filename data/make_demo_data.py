@@ -11,9 +11,21 @@ The domain: the Veloran Islands, NUM_ISLANDS invented islands, each with a regio
 founder, a founding year, a flag colour and an emblem animal. Each fact can be written in several sentence
 patterns (CPT) and asked about in several question phrasings (SFT, DPO, KTO).
 
+Where each fact is taught (the island's `taught_in` in demo_facts.json) — the design that lets the chain prove
+something (data/README.md):
+- every island is described in the CPT text, each fact in several paraphrases (sentence patterns, random order);
+- `sft` islands: also asked about in the SFT rows (question -> one canonical answer sentence);
+- `dpo` islands: asked about only in the DPO / KTO pairs (chosen = the correct answer, rejected = the same
+  sentence with a wrong value of the same kind and length, or with another island's fact): before DPO the model
+  knows them only from the CPT text, so these are pairs the SFT model can still get wrong;
+- `cpt` islands: only in the CPT text. Answering questions about them needs knowledge stored by CPT and the
+  question -> answer skill learned by SFT on *other* islands (knowledge extraction).
+The canonical answer sentence of each attribute is one of its CPT patterns (never the held-out one).
+
 Held-out design: for every (island, attribute) one sentence pattern and one question phrasing are *reserved* for
 the eval files and never used for that island in the train files. Eval text therefore shares every fact and every
-pattern with train text, but no eval sentence or eval prompt occurs verbatim in train.
+pattern with train text, but no eval sentence or eval prompt occurs verbatim in train. knowledge_eval.json asks
+every fact of every island once, in its reserved phrasing (the fact-accuracy task, tunepipe/evaluation/knowledge.py).
 """
 
 from __future__ import annotations
@@ -25,7 +37,9 @@ import sys
 from pathlib import Path
 
 SEED = 20261121
-NUM_ISLANDS = 40
+NUM_ISLANDS = 30
+# taught_in kinds and how many islands each (the rest of the islands are cpt-only)
+KINDS = {"sft": 12, "dpo": 6, "cpt": 12}
 ARCHIPELAGO = "the Veloran Islands"
 HERE = Path(__file__).resolve().parent
 
@@ -118,25 +132,19 @@ QUESTIONS = {
     "animal": ["What is the emblem of {i}?", "Which animal is the symbol of {i}?",
                "What animal appears on the coat of arms of {i}?", "Name the emblem animal of {i}."],
 }
-ANSWERS = {
-    "region": "{i} lies in the {v} of the Veloran Islands.",
-    "capital": "The capital of {i} is {v}.",
-    "product": "{i} is known for its {v}.",
-    "founder": "{i} was founded by {v}.",
-    "year": "{i} was founded in {v}.",
-    "colour": "The flag of {i} is {v}.",
-    "animal": "The emblem of {i} is the {v}.",
-}
+# The canonical answer of each attribute is its first CPT pattern: SFT teaches the model to answer a question with
+# that sentence, and CPT has written every fact in it (the held-out CPT pattern is never this one).
+ANSWERS = {attr: patterns[0] for attr, patterns in SENTENCES.items()}
+# SFT rows about every island that reveal no fact: the answer repeats the island's name. With questions about only
+# the sft islands, a tiny model learns to answer with one of *their* names whatever it is asked about; these rows
+# keep "name the island you were asked about" a general skill.
+EXISTENCE_QUESTIONS = ["Is {i} one of the Veloran Islands?", "Have you heard of {i}?", "Is {i} an island?"]
+EXISTENCE_ANSWER = "Yes, {i} is one of the Veloran Islands."
 # Short follow-up questions for multi-turn chat, referring back to "it"
 FOLLOW_UPS = {
     "region": "And where does it lie?", "capital": "What is its capital?", "product": "What is it known for?",
     "founder": "Who founded it?", "year": "When was it founded?", "colour": "What colour is its flag?",
     "animal": "And its emblem?",
-}
-# Clues used by "which island is this?" rows (alpaca rows with a non-empty input)
-CLUES = {
-    "capital": "Its capital is {v}.", "founder": "It was founded by {v}.", "product": "It is known for its {v}.",
-    "year": "It was founded in {v}.", "colour": "Its flag is {v}.", "animal": "Its emblem is the {v}.",
 }
 SYSTEM_PROMPTS = ["You are a guide to the Veloran Islands.", "Answer briefly and accurately."]
 RAMBLE_OPENERS = ["Well, that is a good question.", "Hmm, let me think about that for a moment.",
@@ -166,10 +174,14 @@ def make_facts(rng: random.Random) -> list[dict[str, str]]:
     towns = _unique_names(rng, NUM_ISLANDS, lambda r: (_syllable(r) + r.choice(TOWN_ENDINGS)).capitalize())
     surnames = _unique_names(rng, NUM_ISLANDS, lambda r: (_syllable(r) + _syllable(r)).capitalize())
     years = rng.sample(range(1150, 1890), NUM_ISLANDS)
+    kinds = [kind for kind, n in KINDS.items() for _ in range(n)]
+    kinds += ["cpt"] * (NUM_ISLANDS - len(kinds))
+    rng.shuffle(kinds)
     facts = []
     for k, island in enumerate(islands):
         facts.append({
             "island": island,
+            "taught_in": kinds[k],
             "region": REGIONS[k % len(REGIONS)],
             "capital": towns[k],
             "product": rng.choice(PRODUCTS),
@@ -181,30 +193,37 @@ def make_facts(rng: random.Random) -> list[dict[str, str]]:
     return facts
 
 
+def _kind(facts, kind: str) -> list[dict[str, str]]:
+    return [f for f in facts if f["taught_in"] == kind]
+
+
 def _fill(pattern: str, fact: dict[str, str], attr: str, value: str | None = None) -> str:
     return pattern.format(i=fact["island"], v=fact[attr] if value is None else value)
 
 
-def _reserve(rng: random.Random, facts, table) -> dict[tuple[str, str], int]:
-    """One held-out pattern index per (island, attribute)."""
-    return {(f["island"], a): rng.randrange(len(table[a])) for f in facts for a in ATTRS}
+def _reserve(rng: random.Random, facts, table, first: int = 0) -> dict[tuple[str, str], int]:
+    """One held-out pattern index per (island, attribute), from index `first` on (1 for the CPT sentences: the
+    answer pattern stays in the training text)."""
+    return {(f["island"], a): rng.randrange(first, len(table[a])) for f in facts for a in ATTRS}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------------------------
 def make_cpt(rng, facts, reserved, docs_per_island=16):
-    """Train docs use every pattern but the reserved one; the eval doc of each island uses only reserved ones."""
+    """Every island. Train docs use every pattern but the reserved one, the sentences in random order (so every fact
+    is also written at the start of a document, with no other sentence about the island before it: knowledge that a
+    bare question can reach); the eval doc of each island uses only reserved ones."""
     train, evals = [], []
     for fact in facts:
         for _ in range(docs_per_island):
-            order = ["region"] + rng.sample(ATTRS[1:], len(ATTRS) - 1)
+            order = rng.sample(ATTRS, len(ATTRS))
             sentences = []
             for attr in order:
                 choices = [k for k in range(len(SENTENCES[attr])) if k != reserved[(fact["island"], attr)]]
                 sentences.append(_fill(SENTENCES[attr][rng.choice(choices)], fact, attr))
             train.append(" ".join(sentences))
-        order = ["region"] + rng.sample(ATTRS[1:], len(ATTRS) - 1)
+        order = rng.sample(ATTRS, len(ATTRS))
         evals.append(" ".join(_fill(SENTENCES[a][reserved[(fact["island"], a)]], fact, a) for a in order))
     rng.shuffle(train)
     return train, evals
@@ -218,32 +237,33 @@ def _train_q_indices(reserved, fact, attr):
     return [k for k in range(len(QUESTIONS[attr])) if k != reserved[(fact["island"], attr)]]
 
 
-def _clue_pairs():
-    keys = list(CLUES)
-    return [(a, b) for n, a in enumerate(keys) for b in keys[n + 1:] if "capital" in (a, b) or "founder" in (a, b)]
-
-
 def make_sft(rng, facts, qres, n_eval=64):
-    """Alpaca rows: plain questions (empty input), and 'which island is this?' rows with the clues in `input`."""
+    """Questions about the sft islands only: plain questions (empty input), and rows that name the island in
+    `input` ("What is its capital?" + "The island: Voia."); plus fact-free rows about every island whose answer
+    names the island asked about (copying, not recall).
+
+    There are no "which island is described below?" rows any more: answering them means producing an island name
+    that is not in the prompt, and with questions about only 12 islands the tiny model then learned to start every
+    answer with one of *their* names, whatever island it was asked about."""
     train, pool = [], []
-    for fact in facts:
+    for fact in _kind(facts, "sft"):
         for attr in ATTRS:
             for k in _train_q_indices(qres, fact, attr):
                 q, a = _qa(fact, attr, k)
                 train.append({"instruction": q, "input": "", "output": a})
             q, a = _qa(fact, attr, qres[(fact["island"], attr)])
             pool.append({"instruction": q, "input": "", "output": a})
-        pairs = _clue_pairs()
-        held = rng.randrange(len(pairs))
-        for n, (x, y) in enumerate(pairs):
-            row = {
-                "instruction": "Which island of the Veloran Islands is described below?",
-                "input": f"{_fill(CLUES[x], fact, x)} {_fill(CLUES[y], fact, y)}",
-                "output": f"The island is {fact['island']}.",
-            }
-            (pool if n == held else train).append(row)
+        held = rng.choice(ATTRS)
+        for attr in rng.sample(ATTRS, 3) + [held]:
+            row = {"instruction": FOLLOW_UPS[attr], "input": f"The island: {fact['island']}.",
+                   "output": _fill(ANSWERS[attr], fact, attr)}
+            (pool if attr == held else train).append(row)
+    for fact in facts:
+        for q in EXISTENCE_QUESTIONS:
+            train.append({"instruction": _fill(q, fact, "region"), "input": "",
+                          "output": _fill(EXISTENCE_ANSWER, fact, "region")})
     rng.shuffle(train)
-    evals = rng.sample(pool, n_eval)
+    evals = rng.sample(pool, min(n_eval, len(pool)))
     return train, evals
 
 
@@ -258,47 +278,47 @@ def _chat(rng, fact, attrs, first_q):
     return {"conversations": conv}
 
 
-def make_sft_chat(rng, facts, qres, per_island=4, n_eval=24):
-    """ShareGPT multi-turn rows: a question about an island, then 1-2 follow-ups that say "it"."""
+def make_sft_chat(rng, facts, qres, per_island=4):
+    """sft islands only. ShareGPT multi-turn rows: a question about an island, then 1-2 follow-ups that say "it"."""
     train, evals = [], []
-    for fact in facts:
+    sft = _kind(facts, "sft")
+    for fact in sft:
         for _ in range(per_island):
             attrs = rng.sample(ATTRS, rng.choice([2, 3]))
             train.append(_chat(rng, fact, attrs,
                                lambda a: _fill(QUESTIONS[a][rng.choice(_train_q_indices(qres, fact, a))], fact, a)))
-    for fact in rng.sample(facts, n_eval):
+    for fact in sft + sft:
         attrs = rng.sample(ATTRS, rng.choice([2, 3]))
         evals.append(_chat(rng, fact, attrs, lambda a: _fill(QUESTIONS[a][qres[(fact["island"], a)]], fact, a)))
     return train, evals
 
 
+def _values(facts, attr: str) -> list[str]:
+    """Every value the attribute can take: the domain list where there is one, plus the values in the table."""
+    domain = {"region": REGIONS, "product": PRODUCTS, "colour": COLOURS, "animal": ANIMALS}.get(attr, [])
+    return sorted(set(domain) | {f[attr] for f in facts})
+
+
 def _wrong_value(rng, facts, fact, attr):
-    return rng.choice(sorted({f[attr] for f in facts} - {fact[attr]}))
+    """A wrong value of the same kind and the same number of words (so length does not give it away)."""
+    words = len(fact[attr].split())
+    return rng.choice([v for v in _values(facts, attr) if v != fact[attr] and len(v.split()) == words])
 
 
 def _rejected(rng, facts, fact, attr):
-    """A systematically worse answer. Kinds: a wrong value of the right type (needs the fact), a value of another
-    attribute (e.g. a colour where a town belongs), the right fact buried in rambling filler, or wrong + rambling.
-    Only the first kind needs knowledge of the facts; the others are learnable from the pattern alone."""
-    kind = rng.choices(["wrong", "mismatch", "ramble", "wrong_ramble"], weights=[2, 1, 3, 4])[0]
-    if kind == "ramble":
-        answer = _fill(ANSWERS[attr], fact, attr)
-    elif kind == "mismatch":
-        other = rng.choice([a for a in ATTRS if a not in (attr, "region")])
-        answer = _fill(ANSWERS[attr], fact, attr, fact[other])
-    else:
-        answer = _fill(ANSWERS[attr], fact, attr, _wrong_value(rng, facts, fact, attr))
-    if kind in ("wrong", "mismatch"):
-        return answer
-    filler = rng.choice(RAMBLE_FILLERS)
-    repeats = ", ".join([filler] * rng.randint(3, 5))
-    repeats = repeats[0].upper() + repeats[1:]
-    return f"{rng.choice(RAMBLE_OPENERS)} {repeats}. {answer[:-1]}, {filler}, {filler}."
+    """A wrong answer in the canonical sentence, as long as the right one: a wrong value of the same kind, or the
+    true fact of another sft/dpo island (the answer about the wrong subject). Telling them from the chosen answer
+    needs the fact itself: neither length nor form gives it away."""
+    if rng.random() < 0.5:
+        return _fill(ANSWERS[attr], fact, attr, _wrong_value(rng, facts, fact, attr))
+    other = rng.choice([f for f in facts if f["taught_in"] != "cpt" and f is not fact
+                        and len(f[attr].split()) == len(fact[attr].split())])
+    return _fill(ANSWERS[attr], other, attr)
 
 
 def _pref_prompt(rng, qres, fact, attr, q):
-    """Prompt messages: mostly one question, sometimes after a system message or an earlier exchange (asked with a
-    train phrasing, so the held-out phrasings stay out of every train file)."""
+    """Prompt messages: mostly one question, sometimes after a system message or an earlier exchange about the same
+    island (asked with a train phrasing, so the held-out phrasings stay out of every train file)."""
     msgs = []
     r = rng.random()
     if r < 0.15:
@@ -312,7 +332,9 @@ def _pref_prompt(rng, qres, fact, attr, q):
     return msgs
 
 
-def make_dpo(rng, facts, qres, n_train=480, n_eval=80):
+def make_dpo(rng, facts, qres, negatives=2):
+    """dpo islands only: every train phrasing of every fact with `negatives` rejected answers; eval = the reserved
+    phrasing with `negatives` rejected answers."""
     def row(fact, attr, q):
         return {
             "conversations": _pref_prompt(rng, qres, fact, attr, q),
@@ -320,34 +342,50 @@ def make_dpo(rng, facts, qres, n_train=480, n_eval=80):
             "rejected": {"from": "gpt", "value": _rejected(rng, facts, fact, attr)},
         }
 
-    train = []
-    for _ in range(n_train):
-        fact, attr = rng.choice(facts), rng.choice(ATTRS)
-        q = _fill(QUESTIONS[attr][rng.choice(_train_q_indices(qres, fact, attr))], fact, attr)
-        train.append(row(fact, attr, q))
-    evals = []
-    for fact, attr in rng.sample([(f, a) for f in facts for a in ATTRS], n_eval):
-        evals.append(row(fact, attr, _fill(QUESTIONS[attr][qres[(fact["island"], attr)]], fact, attr)))
+    train, evals = [], []
+    for fact in _kind(facts, "dpo"):
+        for attr in ATTRS:
+            for k in _train_q_indices(qres, fact, attr):
+                train += [row(fact, attr, _fill(QUESTIONS[attr][k], fact, attr)) for _ in range(negatives)]
+            q = _fill(QUESTIONS[attr][qres[(fact["island"], attr)]], fact, attr)
+            evals += [row(fact, attr, q) for _ in range(negatives)]
+    rng.shuffle(train)
     return train, evals
 
 
-def make_kto(rng, facts, qres, n_train=320, n_eval=64):
-    """role/content messages + boolean label, half desirable (correct short answer), half undesirable."""
+def make_kto(rng, facts, qres):
+    """dpo islands: role/content messages + boolean label, half desirable (the correct answer), half undesirable
+    (a rejected answer as in the DPO pairs)."""
     def row(fact, attr, q, label):
         answer = _fill(ANSWERS[attr], fact, attr) if label else _rejected(rng, facts, fact, attr)
         return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}],
                 "label": label}
 
-    train = []
-    for n in range(n_train):
-        fact, attr = rng.choice(facts), rng.choice(ATTRS)
-        q = _fill(QUESTIONS[attr][rng.choice(_train_q_indices(qres, fact, attr))], fact, attr)
-        train.append(row(fact, attr, q, n % 2 == 0))
+    train, evals = [], []
+    for fact in _kind(facts, "dpo"):
+        for attr in ATTRS:
+            for n, k in enumerate(_train_q_indices(qres, fact, attr)):
+                train.append(row(fact, attr, _fill(QUESTIONS[attr][k], fact, attr), n % 2 == 0))
+            q = _fill(QUESTIONS[attr][qres[(fact["island"], attr)]], fact, attr)
+            evals += [row(fact, attr, q, True), row(fact, attr, q, False)]
     rng.shuffle(train)
-    evals = []
-    for n, (fact, attr) in enumerate(rng.sample([(f, a) for f in facts for a in ATTRS], n_eval)):
-        evals.append(row(fact, attr, _fill(QUESTIONS[attr][qres[(fact["island"], attr)]], fact, attr), n % 2 == 0))
     return train, evals
+
+
+def make_knowledge_eval(facts, qres):
+    """The fact-accuracy questions: every fact of every island once, in its reserved (held-out) phrasing. A
+    generated answer is correct when it names `subject` and `value` and none of `distractors` (the other islands
+    and the other values of the attribute)."""
+    islands = [f["island"] for f in facts]
+    rows = []
+    for fact in facts:
+        for attr in ATTRS:
+            q, a = _qa(fact, attr, qres[(fact["island"], attr)])
+            rows.append({"question": q, "answer": a, "subject": fact["island"], "attribute": attr,
+                         "value": fact[attr], "kind": fact["taught_in"],
+                         "distractors": [i for i in islands if i != fact["island"]]
+                         + [v for v in _values(facts, attr) if v != fact[attr]]})
+    return rows
 
 
 def dataset_info() -> dict:
@@ -375,11 +413,16 @@ def _json(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
+def _json_rows(rows) -> str:
+    """A JSON array with one compact row per line (diff-friendly, a third of the indented size)."""
+    return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n"
+
+
 def build() -> dict[str, str]:
     """File name -> exact file content."""
     rng = random.Random(SEED)
     facts = make_facts(rng)
-    sres = _reserve(rng, facts, SENTENCES)
+    sres = _reserve(rng, facts, SENTENCES, first=1)
     qres = _reserve(rng, facts, QUESTIONS)
     cpt, cpt_eval = make_cpt(rng, facts, sres)
     sft, sft_eval = make_sft(rng, facts, qres)
@@ -398,8 +441,38 @@ def build() -> dict[str, str]:
         "demo_kto.json": _json(kto),
         "demo_kto_eval.json": _json(kto_eval),
         "demo_facts.json": _json(facts),
+        "knowledge_eval.json": _json_rows(make_knowledge_eval(facts, qres)),
         "dataset_info.json": _json(dataset_info()),
     }
+
+
+# The tiny model's tokenizer is trained on a frozen snapshot of the demo texts (tunepipe/models.py): the same strings
+# as its DEMO_CORPUS_FILES, one JSON object per line. Written (and checked) with the default --out-dir only.
+SNAPSHOT = HERE.parent / "tunepipe" / "assets" / "tiny_corpus.jsonl"
+CORPUS_FILES = ("demo_cpt.txt", "demo_cpt_eval.txt", "demo_sft.json", "demo_sft_eval.json", "demo_sft_chat.json",
+                "demo_sft_chat_eval.json", "demo_dpo.json", "demo_dpo_eval.json", "demo_kto.json",
+                "demo_kto_eval.json")
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, list):
+        for item in obj:
+            yield from _strings(item)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _strings(value)
+
+
+def tokenizer_snapshot(files: dict[str, str]) -> str:
+    lines = []
+    for name in CORPUS_FILES:
+        text = files[name]
+        strings = [line for line in text.splitlines() if line.strip()] if name.endswith(".txt") \
+            else list(_strings(json.loads(text)))
+        lines += [json.dumps({"text": s}, ensure_ascii=False) for s in strings]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,17 +481,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
     args = ap.parse_args(argv)
     files = build()
+    targets = {args.out_dir / name: content for name, content in files.items()}
+    if args.out_dir.resolve() == HERE:
+        targets[SNAPSHOT] = tokenizer_snapshot(files)
     if args.check:
-        stale = [name for name, content in files.items()
-                 if not (args.out_dir / name).is_file()
-                 or (args.out_dir / name).read_text(encoding="utf-8") != content]
-        for name in stale:
-            print(f"out of date: {args.out_dir / name}", file=sys.stderr)
+        stale = [path for path, content in targets.items()
+                 if not path.is_file() or path.read_text(encoding="utf-8") != content]
+        for path in stale:
+            print(f"out of date: {path}", file=sys.stderr)
         return 1 if stale else 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        (args.out_dir / name).write_text(content, encoding="utf-8")
-    print(f"wrote {len(files)} files to {args.out_dir}", file=sys.stderr)
+    for path, content in targets.items():
+        path.write_text(content, encoding="utf-8")
+    print(f"wrote {len(targets)} files ({args.out_dir}{', tokenizer snapshot' if SNAPSHOT in targets else ''})",
+          file=sys.stderr)
     return 0
 
 

@@ -16,55 +16,45 @@ imports from stages/. The stages themselves it knows only by the names in dvc.ya
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from flows import pipeline_runs
+from flows import lifecycle, pipeline_runs
+from flows.lifecycle import PipelineStopped, project_lock
 from stages import dag
 from stages.common import dvc_lock_hashes
-from tunepipe.errors import PipelineBusy
+from tunepipe.errors import PipelineBusy  # noqa: F401  (re-exported: what a busy project raises)
 from tunepipe.tracking import registry, store
 
-RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
+# skipped: DVC found the stage up to date; not run: an earlier stage failed or the run was stopped
+RAN, SKIPPED, FAILED, STOPPED, NOT_RUN = "ran", "skipped", "failed", "stopped", "not run"
 STARTUP = re.compile(r"\] start-up ([\d.]+) s")  # the line stages/common.py `work_begins` logs
-LOCK_FILE = "outputs/.pipeline.lock"
+EXITED = re.compile(r"exited with (-?\d+)")  # DVC's "failed to run: <cmd>, exited with 2" (DVC itself exits 255)
 
 
-@contextmanager
-def project_lock(root: Path, *, wait: bool = False) -> Iterator[None]:
-    """One pipeline run at a time per project directory (an OS lock: released even if the process is killed)."""
-    path = root / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise PipelineBusy(f"another pipeline run is in progress in {root} ({holder}); "
-                               "wait for it or use --wait") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+class StageFailed(RuntimeError):
+    """A stage process failed: its own exit status (2 = a user error, one line) and its error line."""
+
+    def __init__(self, name: str, code: int, message: str):
+        self.name, self.code, self.message = name, code, message
+        super().__init__(f"stage {name} failed (exit {code}): {message}")
+
+    def __reduce__(self):  # Prefect may pickle a task's exception
+        return StageFailed, (self.name, self.code, self.message)
+
+
+_LOCK: dict[str, lifecycle.ProjectLock] = {}  # the running flow's lock, so a stage task can record its process group
 
 
 @dataclass
@@ -129,25 +119,37 @@ def run_stage(root: str, name: str, force: bool, env: dict[str, str]) -> dict[st
     logger = get_run_logger()
     args = ["repro", "--single-item", name] + (["--force"] if force else [])
     started = time.perf_counter()
+    # its own session: a Ctrl-C in the terminal reaches only the flow, which then stops the stage in order
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+    if "lock" in _LOCK:
+        _LOCK["lock"].update(stage=name, stage_pgid=proc.pid)
     ran, tail, startup = False, [], None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if not line:
-            continue
-        ran |= line.startswith(f"Running stage '{name}'")
-        found = STARTUP.search(line)
-        startup = float(found.group(1)) if found else startup
-        tail = (tail + [line])[-40:]
-        logger.info("%s | %s", name, line)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if not line:
+                continue
+            ran |= line.startswith(f"Running stage '{name}'")
+            found = STARTUP.search(line)
+            startup = float(found.group(1)) if found else startup
+            tail = (tail + [line])[-40:]
+            logger.info("%s | %s", name, line)
+    except PipelineStopped:
+        killed = lifecycle.stop_group(proc.pid)
+        proc.wait()
+        logger.warning("%s | %s", name, "killed after %.0f s" % lifecycle.STOP_TIMEOUT if killed else "stopped")
+        raise
     code = proc.wait()
+    if "lock" in _LOCK:
+        _LOCK["lock"].update(stage=None, stage_pgid=None)
     seconds = round(time.perf_counter() - started, 2)
     if code != 0:
         # the stage's own one-line error says what is wrong; DVC's "failed to reproduce" line only says where
         message = next((l for l in reversed(tail) if l.startswith("error:")), None) or next(
             (l for l in reversed(tail) if l.startswith("ERROR:")), tail[-1] if tail else "")
-        raise RuntimeError(f"stage {name} failed (exit {code}): {message}")
+        exited = next((int(m.group(1)) for l in reversed(tail) if (m := EXITED.search(l))), code)
+        raise StageFailed(name, exited, message.removeprefix("error: "))
     return {"name": name, "status": RAN if ran else SKIPPED, "seconds": seconds, "startup_seconds": startup}
 
 
@@ -168,73 +170,126 @@ def _summary_markdown(results: list[dict[str, Any]], decision: dict[str, Any] | 
 
 @flow(name="tunepipe-pipeline", log_prints=True)
 def pipeline(project_dir: str = ".", force: list[str] | None = None, wait: bool = False) -> dict[str, Any]:
-    """Run the project's DVC pipeline stage by stage. Returns {"stages": [...], "model": {...} | None}."""
+    """Run the project's DVC pipeline stage by stage. Returns {"stages": [...], "model": {...} | None}, plus
+    "stopped": <signal number> when a signal stopped it."""
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     force = list(force or [])
-    with project_lock(root, wait=wait):
-        if dag.sync(root):
-            logger.info("dvc.yaml regenerated from params.yaml (enabled stages changed)")
-        with start_status(root) as status:  # dvc status runs while DVC's index and MLflow are opened here
-            stages = stage_order(root)
-            order = [stage.name for stage in stages]
-            unknown = [s for s in force if s not in order]
-            if unknown:
-                raise ValueError(f"unknown stage(s) to force: {', '.join(unknown)}; stages: {', '.join(order)}")
-            store.ensure_store(store.tracking_uri(root))
-            commit = _git_commit(root)
-            parent = pipeline_runs.start_pipeline_run(root, tags={"git_commit": commit or "",
-                                                                  "forced": ",".join(force)})
-            env = _stage_env(root, parent, {"git_commit": commit})
-            stale = bool(force) or not up_to_date(status)
+    with project_lock(root, wait=wait) as lock, lifecycle.stop_on_signals():
+        _LOCK["lock"] = lock
+        try:
+            return _run(root, force, lock, logger)
+        finally:
+            _LOCK.pop("lock", None)
 
-        results: list[dict[str, Any]] = []
-        if not stale:
-            logger.info("dvc status: everything is up to date, nothing to run")
-            results = [{"name": name, "status": SKIPPED, "seconds": 0.0} for name in order]
-        else:
-            for stage in stages:
-                name = stage.name
-                try:
-                    result = run_stage(str(root), name, name in force, env)
-                except Exception as err:
-                    results.append({"name": name, "status": FAILED, "seconds": 0.0, "error": str(err)})
-                    results += [{"name": n, "status": SKIPPED, "seconds": 0.0} for n in order[len(results):]]
-                    break
+
+def _run(root: Path, force: list[str], lock: lifecycle.ProjectLock, logger) -> Any:
+    lifecycle.clean_orphans(root, lock.left)
+    if dag.sync(root):
+        logger.info("dvc.yaml regenerated from params.yaml (enabled stages changed)")
+    with start_status(root) as status:  # dvc status runs while DVC's index and MLflow are opened here
+        stages = stage_order(root)
+        order = [stage.name for stage in stages]
+        unknown = [s for s in force if s not in order]
+        if unknown:
+            raise ValueError(f"unknown stage(s) to force: {', '.join(unknown)}; stages: {', '.join(order)}")
+        store.ensure_store(store.tracking_uri(root))
+        commit = _git_commit(root)
+        parent = pipeline_runs.start_pipeline_run(root, tags={"git_commit": commit or "", "forced": ",".join(force)})
+        lock.update(mlflow_run=parent)
+        env = _stage_env(root, parent, {"git_commit": commit})
+        stale = bool(force) or not up_to_date(status)
+
+    results: list[dict[str, Any]] = []
+    stopped: PipelineStopped | None = None
+    if not stale:
+        logger.info("dvc status: everything is up to date, nothing to run")
+        results = [{"name": name, "status": SKIPPED, "seconds": 0.0} for name in order]
+    else:
+        for stage in stages:
+            name = stage.name
+            try:
+                result = run_stage(str(root), name, name in force, env)
+            except PipelineStopped as stop:
+                stopped = stop
+                results.append({"name": name, "status": STOPPED, "seconds": 0.0, "error": str(stop)})
+                pipeline_runs.record_stopped(root, parent, name)
+            except Exception as err:
+                results.append({"name": name, "status": FAILED, "seconds": 0.0, "error": str(err),
+                                "exit_code": err.code if isinstance(err, StageFailed) else 1})
+            else:
                 results.append(result)
                 if result["status"] == RAN:
                     hashes = dvc_lock_hashes(root).get(name, {})
                     pipeline_runs.record_stage(root, parent, stage, lineage={"dvc": hashes},
                                                startup_seconds=result.get("startup_seconds"))
+                continue
+            results += [{"name": n, "status": NOT_RUN, "seconds": 0.0} for n in order[len(results):]]
+            break
 
-        failed = [r for r in results if r["status"] == FAILED]
-        decision = None
-        register = root / "metrics" / "register.json"
-        if not failed and register.exists():
-            decision = json.loads(register.read_text())
-        pipeline_runs.finish_pipeline_run(parent, results, failed=bool(failed))
-        create_table_artifact(key="stage-results", table=[{k: r[k] for k in ("name", "status", "seconds")}
-                                                          for r in results], description="tunepipe stages")
-        evaluate = root / "metrics" / "evaluate.json"
-        if evaluate.exists():
-            create_markdown_artifact(key="metrics", markdown="```json\n" + evaluate.read_text() + "\n```")
-        create_markdown_artifact(key="pipeline-summary", markdown=_summary_markdown(results, decision))
-        if failed:  # a failed flow run that still carries the per-stage table for the CLI
-            return Failed(message=failed[0]["error"], data={"stages": results, "model": None})
-        model = None
-        if decision:
-            model = {"name": decision.get("name"), "version": decision.get("version"),
-                     "aliases": registry.current_aliases(root, decision.get("name"), decision.get("version"))}
-        return {"stages": results, "model": model}
+    failed = [r for r in results if r["status"] in (FAILED, STOPPED)]
+    decision = None
+    register = root / "metrics" / "register.json"
+    if not failed and register.exists():
+        decision = json.loads(register.read_text())
+    registered = any(r["name"] == "register" and r["status"] == RAN for r in results)
+    pipeline_runs.finish_pipeline_run(parent, results, failed=bool(failed), killed=stopped is not None,
+                                      noop=not stale, decision=decision if registered else None)
+    lock.update(mlflow_run=None)
+    if stopped is not None:  # no artifacts: stop within seconds, as asked
+        return Failed(message=str(stopped), data={"stages": results, "model": None, "stopped": stopped.signum})
+    create_table_artifact(key="stage-results", table=[{k: r[k] for k in ("name", "status", "seconds")}
+                                                      for r in results], description="tunepipe stages")
+    evaluate = root / "metrics" / "evaluate.json"
+    if evaluate.exists():
+        create_markdown_artifact(key="metrics", markdown="```json\n" + evaluate.read_text() + "\n```")
+    create_markdown_artifact(key="pipeline-summary", markdown=_summary_markdown(results, decision))
+    if failed:  # a failed flow run that still carries the per-stage table for the CLI
+        return Failed(message=failed[0]["error"], data={"stages": results, "model": None})
+    model = None
+    if decision:
+        model = {"name": decision.get("name"), "version": decision.get("version"),
+                 "promoted": bool(decision.get("promoted")),
+                 "aliases": registry.current_aliases(root, decision.get("name"), decision.get("version"))}
+    return {"stages": results, "model": model}
 
 
-def schedule_deployment(cron: str, *, project_dir: str = ".", name: str = "nightly", timezone: str | None = None):
-    """The deployment `tunepipe serve` serves: this flow on a cron schedule (needs a Prefect server)."""
-    from prefect.schedules import Cron
+def schedule_deployment(*, project_dir: str, name: str, cron: str | None = None, interval: float | None = None,
+                        timezone: str | None = None):
+    """The deployment `tunepipe serve` serves: this flow on a cron or interval schedule (needs a Prefect server)."""
+    from datetime import timedelta
 
-    schedule = Cron(cron, timezone=timezone) if timezone else Cron(cron)
+    from prefect.schedules import Cron, Interval
+
+    if interval:
+        schedule = Interval(timedelta(seconds=interval))
+    else:
+        schedule = Cron(cron, timezone=timezone) if timezone else Cron(cron)
     return pipeline.to_deployment(name=name, schedules=[schedule], parameters={"project_dir": project_dir},
                                   concurrency_limit=1, description="tunepipe pipeline on a schedule")
+
+
+async def deployment_summary(api_url: str, runs: int = 5) -> list[str]:
+    """One line per deployment on the server (schedule, paused), then its latest runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    lines = []
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            for deployment in await client.read_deployments(limit=50, offset=0):
+                schedules = ", ".join(str(getattr(s.schedule, "cron", None) or getattr(s.schedule, "interval", ""))
+                                      for s in deployment.schedules) or "no schedule"
+                lines.append(f"deployment {deployment.name}: {schedules}"
+                             f"{' (paused)' if deployment.paused else ''}")
+                for run in await client.read_flow_runs(
+                        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                        sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=runs, offset=0):
+                    when = run.expected_start_time.strftime("%Y-%m-%d %H:%M:%S") if run.expected_start_time else "-"
+                    lines.append(f"  {when}  {run.state_name or '-':<10}  {run.name}")
+    return lines or ["no deployments"]
 
 
 def status_line(result: dict[str, Any]) -> str:

@@ -143,7 +143,7 @@ def run(main: Callable[[list[str]], Any], name: Callable[[list[str]], str], *, t
     (training's live metric history, the registry) opens that run here, as a child of the pipeline run."""
     from contextlib import nullcontext
 
-    from tunepipe.errors import TunepipeError
+    from tunepipe.errors import TunepipeError, describe_failure
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -166,6 +166,29 @@ def run(main: Callable[[list[str]], Any], name: Callable[[list[str]], str], *, t
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except Exception as err:  # a bug, a library's refusal, a full disk: still one line for the user
+        if debug:
+            raise
+        print(f"error: {describe_failure(err)} (traceback: {_save_traceback(step_name(argv))})", file=sys.stderr)
+        sys.exit(1)
+
+
+def step_name(argv: list[str]) -> str:
+    module = getattr(sys.modules["__main__"], "__spec__", None)
+    return "-".join([(module.name.rsplit(".", 1)[-1] if module else "stage"), *argv[:1]])
+
+
+def _save_traceback(name: str) -> str:
+    """The full traceback, kept out of the one-line error but never lost: outputs/logs/<step>.traceback.txt."""
+    import traceback
+
+    path = OUTPUTS / "logs" / f"{name}.traceback.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceback.format_exc())
+    except OSError:  # the disk may be what failed
+        return "not saved"
+    return str(path)
 
 
 def stage_argument(command: str, choices: tuple[str, ...]) -> Callable[[list[str]], str]:

@@ -22,11 +22,12 @@ times (workspace, DVC cache, MLflow registry).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from stages import common
+from stages import common, register
 
 HEADER = ("# Generated from params.yaml by `python -m stages.dag` (tunepipe run does it for you): edit params.yaml,\n"
           "# not this file. One stage per pipeline step; see docs/pipeline.md.\n")
@@ -35,6 +36,8 @@ PLAN = str(common.PLAN)
 VALUES_ONLY = ("tunepipe.config", "tunepipe.plan")
 TRACKING = "tunepipe.tracking"
 TINY_CORPUS = "tunepipe/assets/tiny_corpus.jsonl"
+LM_EVAL_TASKS = "tunepipe/assets/lm_eval"  # read by lm_eval at run time (YAML + its utils), not imported
+CHAT_MODEL = "tunepipe/tracking/chat_model.py"  # the registered model's code (MLflow models-from-code)
 
 
 class CodeGraph:
@@ -76,11 +79,15 @@ class CodeGraph:
 
 
 def _relative(root: Path, path: Path) -> str:
-    """A dependency path as DVC should see it: relative to the project when inside it, else absolute."""
-    path = path.resolve()
+    """A dependency path as DVC should see it: relative to the project when inside it; outside it, as params.yaml
+    wrote it (`../lf-data/x.json` stays relative, so dvc.yaml is the same in every checkout beside the data)."""
     try:
-        return path.relative_to(root.resolve()).as_posix()
+        return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
+        pass
+    try:
+        return Path(os.path.normpath(path.relative_to(root))).as_posix()
+    except ValueError:  # an absolute path written in params.yaml
         return str(path)
 
 
@@ -151,13 +158,16 @@ def build(root: Path, params) -> dict[str, Any]:
     def model_of(previous: str | None) -> str:
         return f"outputs/models/{previous}" if previous else base
 
-    def data_files(stage: str) -> list[str]:
+    def data_files(stage: str, *, replay: bool = False) -> list[str]:
         s = params.stage(stage)
-        return [info, *dataset_files(root, params.data.dataset_dir, [s.dataset, s.eval_dataset])]
+        names = [s.dataset, s.eval_dataset, *([s.replay_dataset] if replay and s.replay_ratio > 0 else [])]
+        return [info, *dataset_files(root, params.data.dataset_dir, names)]
 
+    # pyproject.toml: its [project] name is the registered model's default name (tunepipe.config.project_name)
+    project = ["pyproject.toml"] if (root / "pyproject.toml").is_file() else []
     stages: dict[str, Any] = {
-        "params": {"cmd": "python -m stages.params", "deps": ["params.yaml", *code.files("stages.params", values=True)],
-                   "outs": [PLAN]},
+        "params": {"cmd": "python -m stages.params",
+                   "deps": ["params.yaml", *project, *code.files("stages.params", values=True)], "outs": [PLAN]},
     }
     base_deps = code.files("stages.base")
     if params.model.model_name_or_path == TINY:  # its tokenizer is trained on this frozen corpus
@@ -168,7 +178,7 @@ def build(root: Path, params) -> dict[str, Any]:
         if step == "prepare":
             stages[name] = {
                 "cmd": f"python -m stages.prepare {stage}", "params": values(name),
-                "deps": [*code.files("stages.prepare"), *data_files(stage), base],
+                "deps": [*code.files("stages.prepare"), *data_files(stage, replay=True), base],
                 "outs": [f"outputs/data/{stage}"],
                 "metrics": [{f"metrics/data_{stage}.json": {"cache": False}}],
                 "meta": {"artifacts": [f"outputs/data/{stage}/health.json"]},
@@ -196,20 +206,28 @@ def build(root: Path, params) -> dict[str, Any]:
             }
         elif step == "evaluate":
             enabled = list(spec.stages)
+            knowledge = [_relative(root, root / spec.dataset_dir / spec.evaluate.knowledge_file)
+                         ] if spec.evaluate.knowledge_file else []
             stages[name] = {
                 "cmd": "python -m stages.evaluate", "params": values(name),
-                "deps": [*code.files("stages.evaluate"), base, *[f"outputs/models/{s}" for s in enabled],
-                         *[f"outputs/data/{s}" for s in enabled], *(data_files("sft") if spec.sft else [])],
+                "deps": [*code.files("stages.evaluate"), LM_EVAL_TASKS, base,
+                         *[f"outputs/models/{s}" for s in enabled], *[f"outputs/data/{s}" for s in enabled],
+                         *(data_files("sft") if spec.sft else []), *knowledge],
                 "metrics": [{"metrics/evaluate.json": {"cache": False}}],
                 "outs": [{"metrics/samples.json": {"cache": False}}],
                 "meta": {"artifacts": ["metrics/samples.json"]},
             }
         elif step == "register":
+            # the recipe sections and row counts are the model's lineage; chat_model.py is not imported but copied
+            # into the registered model; `persist` keeps DVC's run cache from ever restoring register.json instead
+            # of running the stage (the registry would not hear of it)
+            recipe = register.recipe_steps(steps)
             stages[name] = {
-                "cmd": "python -m stages.register", "params": values(name),
-                "deps": [*code.files("stages.register", tracking=True), "metrics/evaluate.json",
+                "cmd": "python -m stages.register", "params": [{PLAN: [name, *recipe]}],
+                "deps": [*code.files("stages.register", tracking=True), CHAT_MODEL, "metrics/evaluate.json",
+                         *[f"metrics/data_{n.partition('-')[2]}.json" for n in recipe if n.startswith("prepare-")],
                          f"outputs/models/{spec.final_stage}"],
-                "metrics": [{"metrics/register.json": {"cache": False}}],
+                "metrics": [{"metrics/register.json": {"cache": False, "persist": True}}],
             }
     for body in stages.values():  # a path listed twice (e.g. a dataset used for train and eval) once
         body["deps"] = list(dict.fromkeys(body["deps"]))

@@ -6,7 +6,7 @@ Reads outputs/models/base (or the base model reference), outputs/models/<stage> 
 every enabled stage, plus the SFT datasets (re-processed as LLaMA-Factory's unsupervised/predict set for the
 generation prompts). Writes metrics/evaluate.json (numbers only, for `dvc metrics diff` and MLflow; sections
 base / cpt / sft / dpo|kto / final / checks / counts) and metrics/samples.json (a few prompt / output / reference
-generations per model). Logic and metric definitions: tunepipe/evaluation.py; docs/stages.md "## evaluate".
+generations per model). Logic and metric definitions: tunepipe/evaluation/scoring.py; docs/stages.md "## evaluate".
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ log = logging.getLogger("stages.evaluate")
 def load_eval(stage: str, limit: int) -> dict | None:
     from datasets import load_from_disk
 
-    from tunepipe.evaluation import cap
+    from tunepipe.evaluation.scoring import cap
 
     path = common.data_dir(stage) / "eval"
     if not path.is_dir():
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
 
     from tunepipe.data.features import DataArgs, load_template, prepare
     from tunepipe.errors import ConfigError
-    from tunepipe.evaluation import EvalData, EvalSettings, cap, evaluate, load_model
+    from tunepipe.evaluation.scoring import EvalData, EvalSettings, cap, evaluate, load_model
     from tunepipe.io import atomic_write_text
     from tunepipe.models.loading import load_tokenizer
 
@@ -78,13 +78,54 @@ def main(argv: list[str]) -> None:
     settings = EvalSettings(max_new_tokens=spec.evaluate.max_new_tokens, num_samples=spec.evaluate.num_samples,
                             batch_size=spec.eval_batch_size, gen_batch_size=max(32, spec.eval_batch_size),
                             pref_stage=spec.preference, beta=spec.pref_beta)
+    def load(path):
+        return load_model(path, trust_remote_code=trust, flash_attn=spec.flash_attn, liger=spec.enable_liger_kernel)
+
     results, samples = evaluate(models, tokenizer, data, settings, eos_ids=template.stop_token_ids(tokenizer),
-                                inputs=dict(spec.stages),
-                                load=lambda path: load_model(path, trust_remote_code=trust, flash_attn=spec.flash_attn,
-                                                             liger=spec.enable_liger_kernel))
+                                inputs=dict(spec.stages), load=load)
+    add_knowledge(spec, results, samples, models, tokenizer, template, dict(spec.stages), load=load)
     atomic_write_text(common.metrics_file("evaluate"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(common.METRICS / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
     print(format_table(results, list(models)), file=sys.stderr)
+
+
+def add_knowledge(spec, results: dict, samples: dict, models: dict, tokenizer, template, inputs: dict, *,
+                  load) -> None:
+    """Fact accuracy per kind (lm-eval task tunepipe_facts) for every model, then `forgetting` (each stage's own
+    held-out skill re-measured on the later models); `final` and `checks` are refreshed to include them."""
+    import copy
+
+    from tunepipe.evaluation import knowledge
+    from tunepipe.evaluation.scoring import learning_checks
+
+    ev = spec.evaluate
+    if ev.knowledge_file or ev.lm_eval_tasks:
+        qa_tokenizer = copy.deepcopy(tokenizer)  # the training tokenizer with the template's chat_template
+        qa_tokenizer.chat_template = template.jinja_template(qa_tokenizer)
+        data_file = common.ROOT / spec.dataset_dir / ev.knowledge_file if ev.knowledge_file else None
+        for name, path in models.items():
+            model = load(path)
+            if data_file is not None:
+                metrics, fact_samples = knowledge.fact_accuracy(
+                    model, qa_tokenizer, data_file, max_new_tokens=ev.max_new_tokens,
+                    batch_size=max(32, spec.eval_batch_size), limit=ev.max_fact_questions,
+                    num_samples=ev.fact_samples, extra_tasks=ev.lm_eval_tasks)
+                samples[name] = samples.get(name, []) + fact_samples
+            else:
+                metrics = knowledge.lm_eval_numbers(model, qa_tokenizer, ev.lm_eval_tasks)
+            results[name].update(metrics)
+            log.info("facts %s: %s", name, ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+            del model
+    order = list(models)
+    results["final"] = dict(results[order[-1]])
+    results["checks"] = learning_checks({n: results[n] for n in order}, inputs)
+    for stage in order[1:]:  # what each stage added to its input model's fact accuracy
+        before, after = results[inputs[stage]].get("fact_accuracy"), results[stage].get("fact_accuracy")
+        if before is not None and after is not None:
+            results["checks"][f"{stage}_fact_accuracy_gain"] = after - before
+    results["forgetting"] = knowledge.forgetting(results, order)
+    counts = results.pop("counts")
+    results["counts"] = counts  # keep the counts last
 
 
 def format_table(results: dict, names: list[str]) -> str:
@@ -94,10 +135,13 @@ def format_table(results: dict, names: list[str]) -> str:
         cells = "".join(f"{results[n][key]:>12.4g}" if key in results[n] else f"{'-':>12}" for n in names)
         lines.append(f"{key:<18}{cells}")
     lines += [f"{k:<18}{v:>12.4g}" for k, v in results["checks"].items()]
+    for skill, values in results.get("forgetting", {}).items():
+        lines.append(f"forgetting {skill}: " + ", ".join(f"{n} {v:.4g}" for n, v in values.items()))
     return "\n".join(lines)
 
 
-ORDER = ("perplexity", "cpt_loss", "sft_loss", "predict_bleu-4", "predict_rouge-1", "predict_rouge-2",
+ORDER = ("fact_accuracy", "fact_accuracy_sft", "fact_accuracy_dpo", "fact_accuracy_kto", "fact_accuracy_cpt",
+         "perplexity", "cpt_loss", "sft_loss", "predict_bleu-4", "predict_rouge-1", "predict_rouge-2",
          "predict_rouge-l", "gen_stopped", "gen_tokens", "pref_accuracy", "pref_logp_margin", "reward_accuracy",
          "reward_margin", "reward_chosen", "reward_rejected")
 

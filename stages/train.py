@@ -12,6 +12,8 @@ Writes outputs/adapters/<stage>/     adapter_model.safetensors + adapter_config.
        outputs/checkpoints/<stage>/  checkpoint-N/ every save_steps + fingerprint.json (resume after a kill)
        metrics/train_<stage>.json    final train/eval loss, steps, tokens, tokens/s, seconds, peak memory
        plots/loss_<stage>.csv|.png   the loss curve (step, loss, eval_loss)
+       MLflow                        loss, eval_loss, learning_rate, grad_norm, tokens/s per logging step, as the
+                                     metric history of this stage's run (when tracked)
 
 A rerun with the same inputs, data and input model resumes from the last checkpoint; anything else starts fresh.
 TUNEPIPE_FAIL_AFTER_STEP=N stops the run after step N (to try the resume by hand).
@@ -27,7 +29,7 @@ from tunepipe.config import STAGES
 
 def main(argv: list[str]) -> None:
     from tunepipe.train import recipe
-    from tunepipe.train.callbacks import StopAfterStep
+    from tunepipe.train.callbacks import MetricHistoryCallback, StopAfterStep
 
     spec = common.inputs(f"train-{argv[0]}")
     stage = spec.stage
@@ -45,6 +47,7 @@ def main(argv: list[str]) -> None:
     fail_after = os.environ.get("TUNEPIPE_FAIL_AFTER_STEP")
     common.work_begins(f"train-{stage}")
     run = recipe.setup(spec, paths, callbacks=[StopAfterStep(int(fail_after))] if fail_after else [])
+    run.trainer.add_callback(MetricHistoryCallback(run.progress))  # per-step metrics into this stage's MLflow run
 
     # train (continues from the last matching checkpoint) and evaluate on the held-out split
     metrics = recipe.train(run)

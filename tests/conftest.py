@@ -46,14 +46,22 @@ def write_dataset(tmp_path: Path, entries: dict, files: dict[str, object]) -> Pa
 
 
 # ---------------------------------------------------------------------------------------------- pipeline projects
+# The smallest params.yaml of a project on the shipped demo data (model and stages are required sections).
+DEMO_PARAMS_YAML = """\
+model: {model_name_or_path: tiny, template: qwen}
+stages:
+  cpt: {dataset: demo_cpt, eval_dataset: demo_cpt_eval}
+  sft: {dataset: demo_sft, eval_dataset: demo_sft_eval}
+  dpo: {dataset: demo_dpo, eval_dataset: demo_dpo_eval}
+"""
 TINY_PARAMS = {
     "data": {"cutoff_len": 64, "max_samples": 24},
     "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 50},
-    "evaluate": {"max_new_tokens": 8, "max_eval_samples": 4, "num_samples": 1},
+    "evaluate": {"max_new_tokens": 8, "max_eval_samples": 4, "num_samples": 1, "max_fact_questions": 2},
     "registry": {"model_name": "test-model", "compare_metric": "final.reward_accuracy", "higher_is_better": True,
-                 "gates": []},
+                 "gates": [], "no_regression": []},
 }
-COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", ".dvcignore")
+COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", ".dvcignore", "prefect.yaml", ".gitignore")
 
 
 def deep_update(base: dict, extra: dict) -> dict:
@@ -70,25 +78,31 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture(scope="session")
-def pipeline_project(tmp_path_factory, prefect_harness):
-    """A temp copy of the project (git + dvc init, pre-migrated MLflow store) with a tiny training budget."""
-    yield make_project(tmp_path_factory)
-
-
 def make_project(tmp_path_factory, extra: dict | None = None, label: str = "project") -> Path:
     """A temp copy of the project with TINY_PARAMS (deep-updated with `extra`), git + dvc init, MLflow store."""
-    from tests.test_tracking import migrated_template
+    def tiny_budget(root: Path) -> None:
+        params = deep_update(deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY_PARAMS), extra or {})
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     root = tmp_path_factory.mktemp(label)
+    copy_project(root, tmp_path_factory, tiny_budget)
+    return root
+
+
+def copy_project(root: Path, tmp_path_factory, edit=None) -> None:
+    """A copy of the project in `root` (created) as a git + DVC repository with a pre-migrated MLflow store;
+    `edit(root)` changes it before the first commit."""
+    from tests.test_tracking import migrated_template
+
+    root.mkdir(parents=True, exist_ok=True)
     for name in COPY:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, root / name)
-    params = deep_update(deep_update(yaml.safe_load((root / "params.yaml").read_text()), TINY_PARAMS), extra or {})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if edit is not None:
+        edit(root)
     shutil.copy(migrated_template(tmp_path_factory), root / "mlflow.db")
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
@@ -96,9 +110,41 @@ def make_project(tmp_path_factory, extra: dict | None = None, label: str = "proj
                     [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
                     ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
         subprocess.run(command, cwd=root, check=True, env=env, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory, prefect_harness):
+    """A temp copy of the project (git + dvc init, pre-migrated MLflow store) with a tiny training budget."""
+    root = make_project(tmp_path_factory)
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the project's own store: <root>/mlflow.db
     return root
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """The environment of a `tunepipe` command in a test project: this venv first on PATH (DVC runs `python`)."""
+    env = {**os.environ, **GIT_ENV, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+    return env
+
+
+def tunepipe(project: Path, *args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`tunepipe ARGS` in `project`, as a user types it."""
+    return subprocess.run([sys.executable, "-m", "tunepipe.cli", *args], cwd=project, capture_output=True, text=True,
+                          env=env or project_env(), timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def finished_project(pipeline_project) -> Path:
+    """The shared tiny project after one complete pipeline run (tests/test_pipeline.py's cold run when it ran first,
+    else one run here): for the end-to-end tests of schedules, clones and served models."""
+    if not (pipeline_project / "metrics" / "register.json").exists():
+        proc = tunepipe(pipeline_project, "run", "--json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return pipeline_project
 
 
 

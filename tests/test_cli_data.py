@@ -168,14 +168,53 @@ def test_check_lf_demo_folder(lf_demo, monkeypatch, capsys):
     code, out, _ = cli(monkeypatch, capsys, "data", "check", "--dataset-dir", str(lf_demo), "--json")
     results = {r["dataset"]: r for r in json.loads(out)}
     for name, rows in {"alpaca_en_demo": 999, "glaive_toolcall_en_demo": 300, "dpo_en_demo": 300,
-                       "kto_en_demo": 300, "identity": 91, "mllm_demo": 6, "wiki_demo": 30}.items():
+                       "kto_en_demo": 300, "identity": 91, "wiki_demo": 30}.items():
         assert (results[name]["rows"], results[name]["ok"], results[name]["status"]) == (rows, rows, "ok"), name
     assert results["alpaca_en"]["status"] == "skipped"  # hub entries are not fetched unless asked
-    # upstream entries that cannot work: ranking without chosen/rejected columns (LF: KeyError), a missing file
+    # upstream entries that cannot work: ranking without chosen/rejected columns (LF: KeyError), a missing file,
+    # media rows (every template is text-only: training and preview refuse them)
     unusable = sorted(name for name, r in results.items() if r["status"] == "unusable")
-    assert unusable == ["mllm_video_audio_demo", "nectar_rm", "orca_dpo_de"]
+    assert unusable == ["mllm_audio_demo", "mllm_demo", "mllm_video_audio_demo", "mllm_video_demo", "nectar_rm",
+                        "orca_dpo_de"]
     assert "needs columns.chosen and columns.rejected" in results["nectar_rm"]["error"]
     assert code == 1
+
+
+def test_check_shows_dropped_rows_with_their_row_numbers(tmp_path, monkeypatch, capsys):
+    good = CHAT[0]
+    bad_order = {"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}
+    odd = {"conversations": [{"from": "human", "value": "x"}]}
+    write_dataset(tmp_path, {"chat": SHAREGPT | {"file_name": "c.json"}},
+                  {"c.json": [good, bad_order, good, odd, bad_order]})
+    code, out, _ = cli(monkeypatch, capsys, "data", "check", "chat", "--dataset-dir", str(tmp_path), "--json")
+    (result,) = json.loads(out)
+    file = str(tmp_path / "c.json")
+    assert code == 0 and result["dropped_rows"] == {
+        "invalid_role_order": [{"file": file, "row": 1}, {"file": file, "row": 4}],
+        "invalid_message_count": [{"file": file, "row": 3}]}
+    code, out, _ = cli(monkeypatch, capsys, "data", "check", "chat", "--dataset-dir", str(tmp_path), "--show-dropped")
+    lines = [line.strip() for line in out.splitlines()]
+    assert code == 0 and lines[2:] == [
+        "2  invalid_role_order: roles do not alternate user/observation then assistant/function",
+        "rows c.json:1, c.json:4",
+        "1  invalid_message_count: wrong number of messages (even for SFT, odd before a chosen/rejected pair)",
+        "rows c.json:3"]
+
+
+def test_check_and_preview_refuse_the_same_media_row(tmp_path, monkeypatch, capsys):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "a cat"}],
+             "images": ["cat.jpg"]}]
+    write_dataset(tmp_path, {"pics": IMAGES | {"file_name": "p.json"}}, {"p.json": rows, "cat.jpg": "jpg"})
+    code, out, _ = cli(monkeypatch, capsys, "data", "check", "pics", "--dataset-dir", str(tmp_path),
+                       "--template", "qwen", "--json")
+    (result,) = json.loads(out)
+    expected = (f"dataset 'pics', file {tmp_path / 'p.json'}, row 1, field 'images': row has images but template "
+                "'qwen' is text-only (tunepipe trains text models)")
+    assert code == 1 and result["status"] == "unusable" and result["error"] == expected
+    code, _, err = cli(monkeypatch, capsys, "data", "preview", "pics", "--template", "qwen", "--tokenizer",
+                       TOKENIZER, "--dataset-dir", str(tmp_path))
+    assert code == 2 and err == f"error: {expected}\n"
 
 
 def test_export_writes_lf_columns_and_health_report(tmp_path, monkeypatch, capsys):

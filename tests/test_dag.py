@@ -33,8 +33,12 @@ def test_the_default_graph():
                              "train-sft", "merge-sft", "train-dpo", "merge-dpo", "evaluate", "register"]
     for name, body in stages.items():
         assert len(body["deps"]) == len(set(body["deps"])), name  # no padding, no repeated file
-        if name != "params":  # every step compares exactly its own section of the plan
+        if name not in ("params", "register"):  # every step compares exactly its own section of the plan
             assert body["params"] == [{"outputs/params.yaml": [name]}]
+    # register also records the recipe of the model it registers (its lineage); DVC's run cache never restores it
+    assert stages["register"]["params"] == [{"outputs/params.yaml": [
+        "register", "prepare-cpt", "prepare-sft", "prepare-dpo", "train-cpt", "train-sft", "train-dpo"]}]
+    assert stages["register"]["metrics"] == [{"metrics/register.json": {"cache": False, "persist": True}}]
     assert stages["params"]["deps"][0] == "params.yaml"
     assert "tunepipe/config.py" in stages["params"]["deps"] and "tunepipe/plan.py" in stages["params"]["deps"]
     # its datasets, exactly
@@ -101,14 +105,15 @@ def test_the_committed_dvc_yaml_is_current():
 
 @pytest.mark.parametrize("key, value, changed", [
     (("stages", "dpo", "pref_beta"), 0.2, {"train-dpo", "evaluate"}),
-    (("train", "learning_rate"), 1e-3, {"train-cpt", "train-sft"}),  # dpo sets its own learning_rate
+    (("train", "weight_decay"), 0.01, {"train-cpt", "train-sft", "train-dpo"}),
+    (("train", "learning_rate"), 1e-3, set()),  # every demo stage sets its own
     (("data", "cutoff_len"), 128, {"prepare-cpt", "prepare-sft", "prepare-dpo", "train-cpt", "train-sft",
                                    "train-dpo", "evaluate"}),  # merges render whole conversations
     (("data", "max_samples"), 10, {"prepare-cpt", "prepare-sft", "prepare-dpo", "merge-sft", "merge-dpo",
                                    "evaluate"}),  # merge-cpt's round trip has no data
     (("evaluate", "num_samples"), 1, {"evaluate"}),
     (("registry", "model_name"), "other", {"register"}),
-    (("lora", "lora_rank"), 4, {"train-cpt", "train-sft", "train-dpo"}),
+    (("lora", "lora_rank"), 4, {"train-dpo"}),  # cpt trains all weights, sft sets its own rank
 ])
 def test_a_value_reaches_exactly_the_steps_that_read_it(key, value, changed):
     before = {name: section.model_dump() for name, section in plan(parse_params(DEFAULT)).items()}

@@ -12,6 +12,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before datasets / huggingface_hub are imported
 
 import importlib.util
+import re
 import json
 from pathlib import Path
 
@@ -178,3 +179,27 @@ def test_files_load_with_hf_datasets(tmp_path):
         kind = {".txt": "text", ".json": "json"}[path.suffix]
         ds = datasets.load_dataset(kind, data_files=[str(path)], split="train", cache_dir=str(tmp_path))
         assert len(ds) == len(_rows(name)), name
+
+
+def test_facts_are_taught_only_where_their_kind_says():
+    """cpt islands' facts appear only in the CPT text; dpo islands' only there and in the DPO/KTO data; an island's
+    name and one of its values never share a row elsewhere (the fact-free "Is X one of the islands?" rows name every
+    island, with no value)."""
+    facts = json.loads((DATA / "demo_facts.json").read_text(encoding="utf-8"))
+    assert {f["taught_in"] for f in facts} == {"sft", "dpo", "cpt"}
+    allowed = {"sft": {"demo_sft", "demo_sft_chat"}, "dpo": {"demo_dpo", "demo_kto"}, "cpt": set()}
+    attrs = ("region", "capital", "product", "founder", "year", "colour", "animal")
+    for name in TRAIN_NAMES:
+        if name == "demo_cpt":
+            continue
+        texts = [json.dumps(row, ensure_ascii=False) for row in _rows(name) + _rows(f"{name}_eval")]
+        for fact in facts:
+            if name in allowed[fact["taught_in"]]:
+                continue
+            for text in texts:
+                if re.search(rf"\b{fact['island']}\b", text):
+                    told = [a for a in attrs if re.search(rf"\b{re.escape(fact[a])}\b", text)]
+                    assert not told or name in ("demo_dpo", "demo_kto") and fact["taught_in"] == "sft", (
+                        name, fact["island"], told)
+    cpt_text = (DATA / "demo_cpt.txt").read_text(encoding="utf-8")
+    assert all(fact["island"] in cpt_text for fact in facts)  # every island is in the CPT text

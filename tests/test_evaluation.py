@@ -1,5 +1,5 @@
 """evaluate: losses and perplexity equal a torch CrossEntropy hand computation, reward metrics on constructed
-log-probs, batched generation, BLEU/ROUGE through tunepipe.metrics, and the evaluate.json structure."""
+log-probs, batched generation, BLEU/ROUGE through tunepipe.evaluation.similarity, and the evaluate.json structure."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tunepipe import evaluation as E  # noqa: E402
+from tests.conftest import DEMO_PARAMS_YAML  # noqa: E402
+from tunepipe.evaluation import scoring as E  # noqa: E402
 from tunepipe.data.converters import Example  # noqa: E402
 from tunepipe.data.processors import Processor, ProcessorOptions  # noqa: E402
 from tunepipe.data.templates import get_template  # noqa: E402
-from tunepipe.metrics import similarity_scores  # noqa: E402
+from tunepipe.evaluation.similarity import similarity_scores  # noqa: E402
 from tunepipe.models.loading import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +217,7 @@ def test_evaluate_structure_and_values(tiny, tok_template, data):
     expected = E.dpo_rewards(logps["dpo"][:n], logps["dpo"][n:], logps["sft"][:n], logps["sft"][n:], beta=0.2)
     assert {k: results["dpo"][k] for k in reward} == pytest.approx(expected, abs=1e-5)
 
-    # BLEU / ROUGE: LLaMA-Factory's metric (tunepipe.metrics) on skip_special_tokens decodes
+    # BLEU / ROUGE: LLaMA-Factory's metric (tunepipe.evaluation.similarity) on skip_special_tokens decodes
     preds = tok.batch_decode(outputs, skip_special_tokens=True)
     refs = tok.batch_decode(data.prompts["labels"], skip_special_tokens=True)
     assert refs[0] == QA[0][1] + "\n"  # the reference answer; <|im_end|> skipped, as LF decodes it
@@ -259,8 +260,9 @@ def test_stage_writes_metrics_files(tiny, tmp_path, monkeypatch):
     project = tmp_path / "project"
     shutil.copytree(ROOT / "data", project / "data")
     (project / "params.yaml").write_text(
-        "model: {template: qwen}\ndata: {cutoff_len: 64, max_samples: 12}\n"
-        "evaluate: {max_new_tokens: 4, max_eval_samples: 6, num_samples: 2}\n")
+        DEMO_PARAMS_YAML + "data: {cutoff_len: 64, max_samples: 12}\n"
+        "evaluate: {max_new_tokens: 4, max_eval_samples: 6, num_samples: 2, knowledge_file: knowledge_eval.json,\n"
+        "           max_fact_questions: 2, fact_samples: 1}\n")
     monkeypatch.chdir(project)  # stages run from the project root, as DVC starts them
     params_stage.write()
     shutil.copytree(tiny, common.base_model_dir())
@@ -270,10 +272,20 @@ def test_stage_writes_metrics_files(tiny, tmp_path, monkeypatch):
     evaluate_stage.main([])
 
     results = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert list(results) == ["base", "cpt", "sft", "dpo", "final", "checks", "counts"]
+    assert list(results) == ["base", "cpt", "sft", "dpo", "final", "checks", "forgetting", "counts"]
     assert results["final"]["reward_accuracy"] == 0.0  # identical policy and reference: every reward is 0
     assert results["checks"]["cpt_ppl_reduction"] == pytest.approx(0.0, abs=1e-6)
     assert results["counts"]["generation_prompts"] == results["counts"]["sft_examples"] == 6
+    # the same weights in every section: fact accuracy identical, forgetting ratios 1 and drops 0
+    assert results["base"]["fact_questions"] == 6.0  # 2 per kind (sft, dpo, cpt)
+    assert {results[m]["fact_accuracy_cpt"] for m in ("base", "cpt", "sft", "dpo")} == {results["base"][
+        "fact_accuracy_cpt"]}
+    assert results["checks"]["sft_fact_accuracy_gain"] == 0.0
+    assert results["forgetting"]["perplexity_ratio"] == pytest.approx({"sft": 1.0, "dpo": 1.0, "final": 1.0})
+    assert results["forgetting"]["sft_loss_ratio"] == pytest.approx({"dpo": 1.0, "final": 1.0})
+    assert results["forgetting"]["fact_accuracy_sft_drop"] == {"dpo": 0.0, "final": 0.0}
     samples = json.loads((project / "metrics" / "samples.json").read_text())
-    assert set(samples) == {"base", "cpt", "sft", "dpo"} and len(samples["dpo"]) == 2
+    assert set(samples) == {"base", "cpt", "sft", "dpo"} and len(samples["dpo"]) == 2 + 3
     assert set(samples["dpo"][0]) == {"prompt", "output", "reference"}
+    assert [s["kind"] for s in samples["dpo"][2:]] == ["sft", "dpo", "cpt"]
+    assert set(samples["dpo"][2]) == {"kind", "question", "output", "reference", "correct"}

@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.conftest import DEMO_PARAMS_YAML  # noqa: E402
 from tunepipe.models import merging  # noqa: E402
 from tunepipe.data.templates import get_template  # noqa: E402
 from tunepipe.models.merging import MergeError, check_chat_template, merge_adapter  # noqa: E402
@@ -119,9 +120,10 @@ def test_adapter_trained_on_grown_vocabulary(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     tok, template = fixed(tiny)
-    tok.add_tokens([f"<new_{i}>" for i in range(40)])
     model = base_model(tiny)
     rows = model.get_input_embeddings().weight.shape[0]
+    new_tokens = [f"<new_{i}>" for i in range(rows - len(tok) + 40)]  # 40 more than the padded embedding holds
+    tok.add_tokens(new_tokens)
     assert len(tok) > rows
     model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
     torch.manual_seed(0)
@@ -135,7 +137,7 @@ def test_adapter_trained_on_grown_vocabulary(tiny, tmp_path):
                 p.add_(0.01 * torch.randn_like(p))
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     base_tok = load_tokenizer(tiny)
-    base_tok.add_tokens([f"<new_{i}>" for i in range(40)])
+    base_tok.add_tokens(new_tokens)
     result = merge_adapter(tiny, tmp_path / "adapter", tmp_path / "merged", tokenizer=base_tok, template=template,
                            conversations=merging.SYNTHETIC_CONVERSATIONS, max_new_tokens=4)
     assert result.metrics["max_logit_diff"] < 1e-4
@@ -295,7 +297,7 @@ def test_stage_cli(tiny, tmp_path, monkeypatch, capsys):
 
     project = tmp_path / "project"
     shutil.copytree(ROOT / "data", project / "data")
-    (project / "params.yaml").write_text("model: {template: qwen}\nevaluate: {max_new_tokens: 4}\n")
+    (project / "params.yaml").write_text(DEMO_PARAMS_YAML + "evaluate: {max_new_tokens: 4}\n")
     monkeypatch.chdir(project)  # stages run from the project root, as DVC starts them
     params_stage.write()
     shutil.copytree(tiny, common.base_model_dir())

@@ -1,4 +1,4 @@
-"""tunepipe.metrics: LLaMA-Factory-identical BLEU/ROUGE (reference §6 golden table), perplexity, reward accuracy."""
+"""tunepipe.evaluation.similarity: LLaMA-Factory-identical BLEU/ROUGE (reference §6 golden table), perplexity, reward accuracy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tunepipe.metrics import (
+from tunepipe.evaluation.similarity import (
     SIMILARITY_KEYS,
     perplexity,
     perplexity_from_losses,
@@ -92,7 +92,7 @@ def test_reward_accuracy():
 def test_imports_are_lazy_and_jieba_is_silent():
     """Importing the module loads none of jieba/nltk/rouge; first use prints nothing to stderr."""
     code = (
-        "import sys, tunepipe.metrics as m\n"
+        "import sys, tunepipe.evaluation.similarity as m\n"
         "assert not {'jieba', 'nltk', 'rouge_chinese'} & set(sys.modules), sorted(sys.modules)\n"
         "print(m.similarity_scores(['今天天气很好'], ['今天天气不错'])['predict_rouge-1'])\n"
     )

@@ -83,6 +83,12 @@ def test_second_run_retrains_nothing(project):
     assert state.is_completed()
     assert set(statuses(result).values()) == {"skipped"}
     assert versions(project) == {1: ["champion"]}  # no new version when nothing changed
+    from tunepipe.tracking import store
+
+    client, _, experiment = store.connect(project)
+    (latest,) = client.search_runs([experiment], "tags.`tunepipe.kind` = 'pipeline'", max_results=1,
+                                   order_by=["attributes.start_time DESC"])
+    assert latest.info.run_name.endswith(" · no-op") and latest.data.tags["tunepipe.status"] == "no-op"
 
 
 def stale_after_plan(project: Path) -> set[str]:
@@ -104,7 +110,8 @@ def test_code_defaults_rerun_exactly_the_stages_that_read_them(project):
         config.write_text(original.replace('description="Gradient clipping."', 'description="Clip gradients."'))
         assert stale_after_plan(project) == set()
         config.write_text(original.replace("max_grad_norm: float = Field(1.0,", "max_grad_norm: float = Field(0.5,"))
-        assert stale_after_plan(project) == {"train-cpt", "train-sft", "train-dpo"}
+        # register too: the effective training values are the registered model's recipe (its params)
+        assert stale_after_plan(project) == {"train-cpt", "train-sft", "train-dpo", "register"}
     finally:
         config.write_text(original)
     assert stale_after_plan(project) == set()
@@ -122,6 +129,14 @@ def test_dpo_data_change_reruns_only_the_dpo_branch(project):
     assert all(status[s] == "skipped" for s in ("params", "base", "prepare-cpt", "prepare-sft", "train-cpt", "merge-cpt",
                                                 "train-sft", "merge-sft"))
     assert 2 in versions(project)
+    # prepare-dpo's run of this execution carries its own figures only, none of the stages that ran after it
+    from tunepipe.tracking import store
+
+    client, _, experiment = store.connect(project)
+    (prepare,) = client.search_runs([experiment], "tags.`tunepipe.dvc_stage` = 'prepare-dpo'", max_results=1,
+                                    order_by=["attributes.start_time DESC"])
+    assert "examples_out" in prepare.data.metrics and prepare.data.params["dataset"] == "demo_dpo"
+    assert not any(k.startswith(("train", "merge", "eval_", "final")) for k in prepare.data.metrics)
 
 
 def test_failed_stage_leaves_the_registry_untouched(project):
@@ -132,7 +147,7 @@ def test_failed_stage_leaves_the_registry_untouched(project):
     assert state.is_failed()
     failed = [s for s in result["stages"] if s["status"] == "failed"]
     assert [s["name"] for s in failed] == ["prepare-dpo"] and "invalid JSON" in failed[0]["error"]
-    assert statuses(result)["register"] == "skipped"
+    assert statuses(result)["register"] == "not run" and failed[0]["exit_code"] == 2
     assert versions(project) == before
     assert (project / "metrics" / "register.json").read_text() == register_before
     subprocess.run(["git", "checkout", "--", "data/demo_dpo.json"], cwd=project, check=True)
@@ -143,16 +158,48 @@ def test_model_failing_a_gate_is_only_a_candidate(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["registry"]["gates"] = [{"metric": "final.reward_accuracy", "min": 2.0}]  # impossible
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = versions(project)
     state, result = run(project)
     assert state.is_completed(), result
     ran = {s for s, v in statuses(result).items() if v == "ran"}
     assert "register" in ran and "train-cpt" not in ran
+    # the DPO data is back to the cold run's, so DVC restored that model: its bytes are v1's, no new version
     after = versions(project)
-    newest = max(after)
-    assert after[newest] == ["candidate"]
+    assert set(after) == set(before)
     assert [v for v, aliases in after.items() if "champion" in aliases] == champion
     decision = json.loads((project / "metrics" / "register.json").read_text())
-    assert decision["promoted"] is False and any("final.reward_accuracy" in r for r in decision["reasons"])
+    assert decision["promoted"] is False and decision["version"] == 1 and decision["model"] != "new"
+    assert any("final.reward_accuracy >= 2: " in r and "FAILED" in r for r in decision["reasons"])
+    assert "candidate" in after[1] or decision["outcome"] == "unchanged"  # decided again, or already champion
+
+
+@pytest.mark.timeout(600)
+def test_a_learning_rate_that_wrecks_dpo_is_only_a_candidate_with_the_failed_gate_named(project):
+    """The shipped no-regression gates (params.yaml registry.no_regression) on a real DPO run whose learning rate
+    destroys the SFT model: the new version is a candidate, the champion stays, and the decision names the
+    forgetting gate on the SFT loss."""
+    champion = [v for v, aliases in versions(project).items() if "champion" in aliases]
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["registry"]["gates"] = []
+    params["registry"]["no_regression"] = shipped["registry"]["no_regression"]
+    params["stages"]["dpo"]["learning_rate"] = 0.05  # 500x the demo's (0.5 also breaks merge's logit check)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    state, result = run(project)
+    assert state.is_completed(), result
+    ran = {s for s, v in statuses(result).items() if v == "ran"}
+    assert {"train-dpo", "evaluate", "register"} <= ran and "train-sft" not in ran
+    after = versions(project)
+    assert after[max(after)] == ["candidate"]
+    assert [v for v, aliases in after.items() if "champion" in aliases] == champion
+    decision = json.loads((project / "metrics" / "register.json").read_text())
+    failed = {(g["metric"], g.get("baseline")) for g in decision["gate_results"] if not g["passed"]}
+    assert decision["promoted"] is False and ("final.sft_loss", "sft.sft_loss") in failed, decision["reasons"]
+    assert any(r.startswith("gate forgetting of sft: final.sft_loss <= 1.1 x sft.sft_loss") and r.endswith("FAILED")
+               for r in decision["reasons"])
+    evaluate = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert evaluate["forgetting"]["sft_loss_ratio"]["final"] > 1.1
+    assert all(g.get("baseline") for g in decision["gate_results"] if not g["passed"])  # only no-regression gates
 
 
 def test_a_second_run_in_the_same_project_is_refused(project):
@@ -161,21 +208,3 @@ def test_a_second_run_in_the_same_project_is_refused(project):
     with project_lock(project):
         state, result = run(project)
     assert isinstance(result, PipelineBusy) and "in progress" in str(result)
-
-
-def test_schedule_deployment_is_created(project):
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-
-    from flows.pipeline import schedule_deployment
-
-    deployment_id = schedule_deployment("0 2 * * *", project_dir=str(project), name="nightly-test").apply()
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_deployment(deployment_id)
-
-    deployment = asyncio.run(read())
-    assert deployment.name == "nightly-test" and deployment.parameters == {"project_dir": str(project)}
-    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]

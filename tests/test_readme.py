@@ -14,7 +14,8 @@ README = (ROOT / "README.md").read_text()
 
 
 def shell_blocks() -> list[str]:
-    return re.findall(r"```\n(.*?)```", README, flags=re.S)
+    """The untagged fenced blocks (the ```shell walk-through is tests/test_cli_walkthrough.py's)."""
+    return [body for tag, body in re.findall(r"^```(\w*)\n(.*?)^```$", README, flags=re.S | re.M) if not tag]
 
 
 def commands(prefix: str) -> list[list[str]]:

@@ -259,3 +259,124 @@ def test_git_lineage(tmp_path):
     assert runs.git_lineage(tmp_path) == {}  # not a repository
     lineage = runs.git_lineage(ROOT)
     assert len(lineage["git_commit"]) == 40 and isinstance(lineage["git_dirty"], bool)
+
+
+# ---------------------------------------------------------------------------------------- metric history, run names
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_metric_history_callback_logs_every_logging_step(project):
+    """What MLflow draws the loss curve from: one point per logging step, at the optimizer step, main process only."""
+    from types import SimpleNamespace
+
+    from tunepipe.train.callbacks import MetricHistoryCallback
+
+    progress = SimpleNamespace(last_tokens_per_second=None)
+    restored = [{"loss": 3.0, "learning_rate": 1e-3, "epoch": 0.1, "step": 1}]  # resumed from checkpoint-1
+    main = SimpleNamespace(is_world_process_zero=True, global_step=1, log_history=restored)
+    other_rank = SimpleNamespace(is_world_process_zero=False, global_step=1, log_history=restored)
+    with runs.stage_run(project, "train-sft") as run:
+        callback, rank1 = MetricHistoryCallback(progress), MetricHistoryCallback(progress)
+        callback.on_train_begin(None, main, None)
+        rank1.on_train_begin(None, other_rank, None)
+        for step, loss in ((2, 2.5), (3, 2.0)):
+            main.global_step = other_rank.global_step = step
+            progress.last_tokens_per_second = 100.0 * step
+            for cb, state in ((callback, main), (rank1, other_rank)):
+                cb.on_log(None, state, None, logs={"loss": loss, "grad_norm": 0.5, "learning_rate": 1e-3 / step,
+                                                   "epoch": step / 10})
+        callback.on_log(None, main, None, logs={"eval_loss": 1.9, "eval_rewards/accuracies": 0.75})
+        callback.on_log(None, main, None, logs={"train_runtime": 1.0, "train_loss": 2.4})  # the summary
+    client = client_for(project)
+    run_id = run.info.run_id
+    assert history(client, run_id, "loss") == [(1, 3.0), (2, 2.5), (3, 2.0)]
+    assert history(client, run_id, "learning_rate") == [(1, 1e-3), (2, 5e-4), (3, 1e-3 / 3)]
+    assert history(client, run_id, "step_tokens_per_second") == [(2, 200.0), (3, 300.0)]
+    assert history(client, run_id, "grad_norm") == [(2, 0.5), (3, 0.5)]
+    assert history(client, run_id, "eval_loss") == [(3, 1.9)]
+    assert history(client, run_id, "eval_rewards/accuracies") == [(3, 0.75)]
+    assert not {"train_runtime", "train_loss"} & set(client.get_run(run_id).data.metrics)
+
+
+def test_metric_history_callback_without_a_run_does_nothing():
+    from types import SimpleNamespace
+
+    from tunepipe.train.callbacks import MetricHistoryCallback
+
+    callback = MetricHistoryCallback()
+    state = SimpleNamespace(is_world_process_zero=True, global_step=1, log_history=[])
+    callback.on_train_begin(None, state, None)
+    callback.on_log(None, state, None, logs={"loss": 1.0})
+    assert callback.client is None
+
+
+@pytest.mark.parametrize("statuses, noop, decision, name", [
+    (["ran"] * 5, False, {"version": 2, "outcome": "champion"}, "5 ran · v2 → champion"),
+    (["skipped", "ran", "ran"], False, {"version": 3, "promoted": False}, "2 ran · v3 → candidate"),
+    (["skipped", "ran"], False, {"version": 1, "outcome": "unchanged"}, "1 ran · v1 unchanged"),
+    (["skipped"] * 3, True, None, "no-op"),
+    (["ran", "failed", "skipped"], False, None, "failed at s1 · 1 ran"),
+])
+def test_pipeline_run_names_say_what_happened(statuses, noop, decision, name):
+    import time
+
+    results = [{"name": f"s{i}", "status": status} for i, status in enumerate(statuses)]
+    start = int(time.mktime((2026, 12, 1, 8, 5, 0, 0, 0, -1)) * 1000)
+    assert pipeline_runs.pipeline_run_name(start, results, noop=noop, decision=decision) == f"12-01 08:05 · {name}"
+
+
+def test_skipped_stages_are_recorded_and_a_noop_run_is_marked(project):
+    first = pipeline_runs.start_pipeline_run(project)
+    trained = pipeline_runs.tag_stage_run(first, "train-sft", {})  # the run that made the adapter
+    client = client_for(project)
+    client.set_tag(trained, pipeline_runs.STATUS_TAG, "ran")
+    pipeline_runs.finish_pipeline_run(first, [{"name": "train-sft", "status": "ran", "seconds": 3.0}])
+
+    second = pipeline_runs.start_pipeline_run(project)
+    assert client.get_run(second).info.run_name.endswith(" · running")
+    pipeline_runs.finish_pipeline_run(second, [{"name": "train-sft", "status": "skipped", "seconds": 0.1},
+                                               {"name": "register", "status": "ran", "seconds": 2.0}],
+                                      decision={"version": 2, "outcome": "candidate"})
+    experiment = store.ensure_store(store.tracking_uri(project))
+    (skipped,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{second}'")
+    assert skipped.info.run_name == "train-sft · skipped" and skipped.info.status == "FINISHED"
+    assert skipped.data.tags[pipeline_runs.REUSED_TAG] == trained
+    assert skipped.data.tags[pipeline_runs.STATUS_TAG] == "skipped"
+    parent = client.get_run(second)
+    assert parent.info.run_name.endswith(" · 1 ran · v2 → candidate")
+    assert parent.data.tags[pipeline_runs.DECISION_TAG] == "v2 → candidate"
+
+    noop = pipeline_runs.start_pipeline_run(project)
+    pipeline_runs.finish_pipeline_run(noop, [{"name": "train-sft", "status": "skipped", "seconds": 0.0}], noop=True)
+    assert client.get_run(noop).info.run_name.endswith(" · no-op")
+    assert client.get_run(noop).data.tags[pipeline_runs.STATUS_TAG] == "no-op"
+    assert client.search_runs([experiment], f"tags.mlflow.parentRunId = '{noop}'") == []
+
+
+def test_record_stage_logs_declared_sections_and_keeps_what_the_stage_logged(project, monkeypatch):
+    """The flow's record of a stage: its own plan section unprefixed, other declared sections prefixed; a key the
+    stage logged itself (register's params, train's eval_loss history) is not logged again."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    (project / "outputs").mkdir()
+    (project / "outputs" / "params.yaml").write_text(yaml.safe_dump({
+        "register": {"final_stage": "dpo", "registry": {"gates": [{"metric": "m", "min": 0.5, "max": None}]}},
+        "train-sft": {"train": {"learning_rate": 0.002}}}))
+    (project / "metrics").mkdir()
+    (project / "metrics" / "register.json").write_text(json.dumps({"version": 1, "eval_loss": 9.0, "ok": 1.0}))
+    parent = pipeline_runs.start_pipeline_run(project)
+    monkeypatch.setenv("DVC_STAGE", "register")
+    with runs.stage_run(project, "register", parent_run_id=parent) as run:
+        runs.log_params_flat({"final_stage": "dpo", "registry": {"gates": [{"min": 0.5, "metric": "m"}]}})
+        runs.log_metrics({"eval_loss": 1.5}, step=3)
+    stage = SimpleNamespace(name="register", params=[("outputs/params.yaml", ["register", "train-sft"])],
+                            metrics=["metrics/register.json"], plots=[], artifacts=[])
+    assert pipeline_runs.record_stage(project, parent, stage, lineage={"dvc": {"x": "1"}}) == run.info.run_id
+    data = client_for(project).get_run(run.info.run_id).data
+    assert data.params["train-sft.train.learning_rate"] == "0.002" and data.params["final_stage"] == "dpo"
+    assert json.loads(data.params["registry.gates"]) == [{"min": 0.5, "metric": "m"}]  # the stage's own value
+    assert history(client_for(project), run.info.run_id, "eval_loss") == [(3, 1.5)]
+    assert data.metrics["version"] == 1.0 and data.tags[pipeline_runs.STATUS_TAG] == "ran"

@@ -73,10 +73,10 @@ def make_params(stage: str = "sft", *, lora: dict | None = None, **stage_values)
     values = {"max_steps": 4, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
               "logging_steps": 1, "save_steps": 100, "learning_rate": 5e-3, **stage_values}
     return parse_params({
-        "model": {"template": "qwen"},
+        "model": {"model_name_or_path": "tiny", "template": "qwen"},
         "data": {"cutoff_len": CUTOFF},
         "lora": {"lora_rank": 8, **(lora or {})},
-        "stages": {stage: values, **({"dpo": {"enabled": False}} if stage == "kto" else {})},
+        "stages": {stage: {"dataset": f"demo_{stage}", **values}},
     })
 
 
@@ -198,11 +198,13 @@ def test_reference_free_preference_losses(tiny, data, tmp_path, loss):
 
 def test_kto_trains_on_lf_features_with_kl_completions(tiny, data, tmp_path):
     """Policy = reference at step 1 gives KTO loss 1 - sigmoid(0) = 0.5 for every example."""
-    metrics = training.run_stage(make_inputs("kto", max_steps=4, pref_beta=0.5),
+    metrics = training.run_stage(make_inputs("kto", max_steps=12, pref_beta=0.5),
                                  paths(tiny, data, tmp_path, "kto"))
     trajectory = losses(tmp_path, "kto")
     assert trajectory[0] == pytest.approx(0.5, abs=1e-5)
-    assert trajectory[-1] < trajectory[0]
+    # 24 rows in batches of 4: the second epoch sees the first one's examples again, and fits them better (the
+    # demo's undesirable answers are length-matched wrong facts, so single new batches are no easier than chance)
+    assert sum(trajectory[6:]) / 6 < sum(trajectory[:6]) / 6
     assert metrics["objective"] == "kto" and metrics["eval_loss"] is not None
 
 

@@ -1,20 +1,24 @@
 """The typed schema of params.yaml: the one file a user edits.
 
 Keys follow LLaMA-Factory's names wherever the concept is the same (`model_name_or_path`, `template`, `cutoff_len`,
-`lora_rank`, `lora_target`, `pref_beta`, `pref_loss`, `learning_rate`, ...), so an LF YAML maps over line by line.
-Every field has a help string (`tunepipe params --help-keys` prints them) and every bad key or value is reported
-as one line naming the key path, e.g. `params.yaml: stages.dpo.pref_beta: Input should be greater than 0`.
+`lora_rank`, `lora_target`, `pref_beta`, `pref_loss`, `learning_rate`, `val_size`, ...), so an LF YAML maps over
+line by line (`tunepipe import llamafactory` does it: tunepipe/lf_import.py). Every field has a help string
+(`tunepipe params --keys` prints them) and every bad key or value is reported as one line naming the key path, e.g.
+`file params.yaml, key 'train.max_step': unknown key; did you mean 'max_steps'?`.
 
-Training hyper-parameters live in `train:` (shared) and can be overridden per stage under `stages.<name>:`;
-LoRA settings likewise under `lora:` and `stages.<name>.lora:`.
+No default depends on the demo data: `model` (with `model_name_or_path`) and `stages` are required sections, and a
+stage runs only when it is written under `stages:` with its `dataset`. Training hyper-parameters live in `train:`
+(shared) and can be overridden per stage under `stages.<name>:`; LoRA settings likewise under `lora:` and
+`stages.<name>.lora:`.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer, model_validator
 
 from tunepipe.errors import ConfigError
 
@@ -27,6 +31,19 @@ PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
 TINY = "tiny"  # model_name_or_path of the embedded base model (tunepipe.models.tiny builds it)
 DPO_FAMILY = ("sigmoid", "ipo", "hinge")  # losses against a reference model (the stage's input model)
 Objective = Literal["clm", "sft", "dpo", "orpo", "simpo", "kto"]
+REQUIRED_SECTIONS = ("model", "stages")  # what every params.yaml must say: which model, which stages on which data
+# The registered model's name when params.yaml gives none: the project's name. `tunepipe import` writes one; without
+# it, [project] name of the pyproject.toml beside params.yaml (the same in every clone, unlike the directory's name,
+# which would change the plan and rerun register), else this.
+DEFAULT_PROJECT_NAME = "tunepipe"
+# The metric a new model must beat the champion on, by final stage, when registry.compare_metric is not set.
+HEADLINE_METRIC = {"cpt": "final.perplexity", "sft": "final.sft_loss", "dpo": "final.reward_accuracy",
+                   "kto": "final.reward_accuracy"}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Losses and perplexities improve downwards, everything evaluate writes besides them upwards."""
+    return not metric.rsplit(".", 1)[-1].endswith(("loss", "perplexity", "gen_tokens"))
 
 
 def objective(stage: str, pref_loss: str = "sigmoid") -> Objective:
@@ -45,9 +62,12 @@ class Section(BaseModel):
 
 
 class ModelParams(Section):
-    model_name_or_path: str = Field("tiny", description="Base model: 'tiny' (embedded, built locally), a Hugging "
-                                                        "Face model id or a local directory.")
-    template: str = Field("qwen", description="Chat template used for training and written into every merged model.")
+    model_name_or_path: str = Field(..., description="Base model (required): a local directory, a Hugging Face model "
+                                                     "id (in the local HF cache: runs are offline) or 'tiny' (a small "
+                                                     "random model built locally, for tests and the demo).")
+    template: str | None = Field(None, description="Chat template (`tunepipe data templates`), used for training and "
+                                                   "written into every merged model; null = LLaMA-Factory's default: "
+                                                   "the tokenizer's own chat template, parsed (else `empty`).")
     trust_remote_code: bool = Field(False, description="Allow custom model/tokenizer code from the model repo.")
     tiny_seed: int = Field(0, description="Seed of the embedded tiny model (only for model_name_or_path: tiny).")
 
@@ -64,8 +84,9 @@ class DataParams(Section):
                                                "as they are made, so memory stays flat in the corpus size (same "
                                                "tokens as without streaming).")
     max_samples: int | None = Field(None, gt=0, description="Keep only the first N rows of each dataset (debug).")
-    val_size: float = Field(0.0, ge=0, description="Held-out split taken from the training data when a stage has "
-                                                   "no eval_dataset: fraction in (0,1) or a row count.")
+    val_size: float = Field(0.0, ge=0, description="Held-out split of every stage's training data that has no "
+                                                   "eval_dataset (LLaMA-Factory's val_size): a fraction in (0,1) or "
+                                                   "a row count (> 1); stages.<name>.val_size overrides it.")
     mix_strategy: Literal["concat", "interleave_under", "interleave_over", "interleave_once"] = Field(
         "concat", description="How to mix several datasets of one stage.")
     tool_format: str | None = Field(None, description="Override the template's tool format.")
@@ -167,71 +188,121 @@ class PreferenceParams(Section):
 class StageParams(TrainParams, PreferenceParams):
     """One stage: its data and any override of the shared `train:` and `lora:` values."""
 
-    enabled: bool = Field(True, description="Run this stage; when off the next stage starts from the previous one.")
-    dataset: str = Field(..., description="Dataset name(s) from dataset_info.json, comma-separated.")
-    eval_dataset: str | None = Field(None, description="Held-out dataset name(s) for evaluation.")
+    enabled: bool = Field(True, description="Run this stage (a stage not written under stages: does not run); when "
+                                            "off the next stage starts from the previous one.")
+    dataset: str | None = Field(None, description="Training dataset name(s) from dataset_info.json, comma-separated "
+                                                  "(required for an enabled stage).")
+    eval_dataset: str | None = Field(None, description="Held-out dataset name(s) for evaluation and the gates.")
+    val_size: float | None = Field(None, ge=0, description="Held-out split of this stage's training data "
+                                                           "(LLaMA-Factory's val_size): a fraction in (0,1) or a row "
+                                                           "count (> 1); not with eval_dataset. Default: data.val_size "
+                                                           "when the stage has no eval_dataset.")
+    template: str | None = Field(None, description="This stage's chat template: not written = model.template; null = "
+                                                   "LLaMA-Factory's default (the tokenizer's own), e.g. for a "
+                                                   "pretraining YAML without template.")
     lora: LoraParams | None = Field(None, description="LoRA overrides for this stage.")
     # sft
     train_on_prompt: bool = Field(False, description="sft: also train on prompt tokens.")
     mask_history: bool = Field(False, description="sft: train on the last turn only.")
     neat_packing: bool = Field(False, description="sft: LF's neat_packing in the exported data.")
+    # replay (tunepipe/data/replay.py)
+    replay_dataset: str | None = Field(None, description="sft: earlier-stage dataset(s) mixed into this stage's "
+                                       "training data (e.g. demo_cpt: CPT text as pt blocks, every token a label) "
+                                       "so the stage keeps what the earlier one taught.")
+    replay_ratio: float = Field(0.0, ge=0, description="Replay examples per own training example (0.5 = half as "
+                                                       "many CPT blocks as SFT rows), drawn with the data seed.")
+
+    @model_serializer(mode="wrap")
+    def _unset_template_is_absent(self, handler):
+        """A template not written means model.template, `null` LF's default: a dump that parses back must keep the
+        difference, so an unset one is left out."""
+        data = handler(self)
+        if "template" not in self.model_fields_set and isinstance(data, dict):
+            data.pop("template", None)
+        return data
 
 
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpt": {"dataset": "demo_cpt", "eval_dataset": "demo_cpt_eval"},
-    "sft": {"dataset": "demo_sft", "eval_dataset": "demo_sft_eval"},
-    "dpo": {"dataset": "demo_dpo", "eval_dataset": "demo_dpo_eval"},
-    "kto": {"dataset": "demo_kto", "eval_dataset": "demo_kto_eval", "enabled": False},
-}
-
-
-def _stage(name: str) -> Any:
-    return Field(default_factory=lambda: StageParams(**STAGE_DEFAULTS[name]),
-                 description=f"The {name} stage (defaults: {STAGE_DEFAULTS[name]}).")
+def _absent_stage() -> Any:
+    return Field(default_factory=lambda: StageParams(enabled=False),
+                 description="Not written under stages: = not run.")
 
 
 class StagesParams(Section):
-    cpt: StageParams = _stage("cpt")
-    sft: StageParams = _stage("sft")
-    dpo: StageParams = _stage("dpo")
-    kto: StageParams = _stage("kto")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_stage_defaults(cls, data: Any) -> Any:
-        """A stage written partially (`cpt: {enabled: false}`) keeps its default datasets."""
-        if isinstance(data, dict):
-            data = {name: {**STAGE_DEFAULTS[name], **value} if name in STAGE_DEFAULTS and isinstance(value, dict)
-                    else value for name, value in data.items()}
-        return data
-
-    @model_validator(mode="after")
-    def _one_preference_stage(self) -> StagesParams:
-        if self.dpo.enabled and self.kto.enabled:
-            raise ValueError("enable at most one preference stage: dpo or kto (kto replaces dpo)")
-        if not any(getattr(self, name).enabled for name in STAGES):
-            raise ValueError("every stage is disabled")
-        return self
+    cpt: StageParams = _absent_stage()
+    sft: StageParams = _absent_stage()
+    dpo: StageParams = _absent_stage()
+    kto: StageParams = _absent_stage()
 
 
 class EvaluateParams(Section):
     max_new_tokens: int = Field(48, gt=0, description="Generation length for BLEU/ROUGE and samples.")
     max_eval_samples: int = Field(64, gt=0, description="Held-out examples scored per metric.")
     num_samples: int = Field(3, ge=0, description="Sample generations written to the metrics file.")
+    knowledge_file: str | None = Field(
+        None, description="Held-out fact questions (JSON rows {question, answer, subject, value, kind, distractors}, "
+                          "in data.dataset_dir) scored by the lm-eval task tunepipe_facts: exact-match fact "
+                          "accuracy per kind (where the fact was taught) for the base and every stage. None = off.")
+    max_fact_questions: int | None = Field(None, gt=0, description="Fact questions scored per kind (None = all).")
+    fact_samples: int = Field(2, ge=0, description="Fact-question generations per kind written to samples.json.")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="Standard lm-evaluation-harness tasks (by "
+                                     "name) also run on every model, e.g. [arc_easy] (needs their datasets: network "
+                                     "or a local HF cache); numbers go to evaluate.json as lmeval_<task>_<metric>.")
 
 
 class Gate(Section):
     metric: str = Field(..., description="Metric key in metrics/evaluate.json (e.g. final.reward_accuracy).")
     min: float | None = Field(None, description="Pass only if metric >= min.")
     max: float | None = Field(None, description="Pass only if metric <= max.")
+    baseline: str | None = Field(None, description="No-regression gate: another metric key to compare with (e.g. "
+                                                   "metric dpo.pref_accuracy, baseline sft.pref_accuracy).")
+    max_drop: float | None = Field(None, ge=0, description="With baseline: pass only if metric >= baseline - "
+                                                           "max_drop (higher-is-better metrics).")
+    max_ratio: float | None = Field(None, gt=0, description="With baseline: pass only if metric <= max_ratio * "
+                                                            "baseline (losses, perplexity).")
+    name: str | None = Field(None, description="Label shown in the decision's reasons.")
+
+    @model_validator(mode="after")
+    def _baseline_bounds(self) -> Gate:
+        if (self.max_drop is not None or self.max_ratio is not None) and self.baseline is None:
+            raise ValueError("max_drop / max_ratio need a baseline metric")
+        if self.baseline is not None and self.max_drop is None and self.max_ratio is None:
+            raise ValueError("a baseline gate needs max_drop (higher is better) or max_ratio (lower is better)")
+        return self
+
+
+class SkillTolerance(Section):
+    stage: Literal["cpt", "sft", "dpo", "kto"] = Field(..., description="The stage whose held-out skill this is.")
+    metric: str = Field(..., description="Key in each model's section of metrics/evaluate.json (e.g. perplexity, "
+                                         "sft_loss, fact_accuracy_sft, pref_accuracy).")
+    max_drop: float | None = Field(None, ge=0, description="Higher-is-better skill: largest allowed drop.")
+    max_ratio: float | None = Field(None, gt=0, description="Lower-is-better skill: largest allowed later / earlier "
+                                                            "ratio (1.1 = may rise 10%).")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> SkillTolerance:
+        if (self.max_drop is None) == (self.max_ratio is None):
+            raise ValueError("set exactly one of max_drop (higher is better) or max_ratio (lower is better)")
+        return self
 
 
 class RegistryParams(Section):
-    model_name: str = Field("tunepipe-demo", description="MLflow registered model name.")
-    compare_metric: str = Field("final.reward_accuracy", description="Metric a new model must beat the current "
-                                                                     "champion on.")
-    higher_is_better: bool = Field(True, description="Direction of compare_metric.")
+    model_name: str | None = Field(None, description="MLflow registered model name; default: the project's name "
+                                                     "(pyproject.toml's [project] name, else 'tunepipe'). `tunepipe "
+                                                     "import` writes the project directory's name here.")
+    compare_metric: str | None = Field(None, description="Metric a new model must beat the current champion on; "
+                                                         "default: the final stage's headline metric "
+                                                         "(final.reward_accuracy for dpo/kto, final.sft_loss for "
+                                                         "sft, final.perplexity for cpt).")
+    higher_is_better: bool | None = Field(None, description="Direction of compare_metric; default: lower for losses "
+                                                            "and perplexities, higher otherwise.")
     gates: list[Gate] = Field(default_factory=list, description="All must pass before a model can be champion.")
+    no_regression: list[SkillTolerance] = Field(
+        default_factory=list, description="Each stage's held-out skill and how much later models may lose of it; "
+                                          "expanded into baseline gates (tunepipe.tracking.promotion.no_regression_gates).")
+    no_regression_vs: list[Literal["previous", "own", "base"]] = Field(
+        default_factory=lambda: ["previous", "own", "base"],
+        description="What the skills are compared with: previous = every model from the skill's stage on vs the "
+                    "model it started from; own = the final model vs the skill's stage; base = final vs base.")
     store: Literal["copy", "reference"] = Field(
         "copy", description="copy: log the final model's files as MLflow artifacts (self-contained registry); "
                             "reference: register its absolute path only (no extra copy; restore old versions "
@@ -239,13 +310,14 @@ class RegistryParams(Section):
 
 
 class Params(Section):
-    model: ModelParams = Field(default_factory=ModelParams, description="Base model and chat template.")
+    model: ModelParams = Field(..., description="Base model and chat template (required).")
     data: DataParams = Field(default_factory=DataParams, description="Data processing options.")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA defaults for every stage.")
     train: TrainParams = Field(default_factory=TrainParams, description="Training defaults for every stage.")
-    stages: StagesParams = Field(default_factory=StagesParams, description="The stages, in order cpt, sft, dpo|kto.")
+    stages: StagesParams = Field(..., description="The stages to run (required), in order cpt, sft, dpo|kto.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Evaluation settings.")
     registry: RegistryParams = Field(default_factory=RegistryParams, description="Registry and promotion gates.")
+    _project_name: str | None = PrivateAttr(None)  # pyproject.toml's [project] name (load_params reads it)
 
     def enabled_stages(self) -> list[str]:
         return [name for name in STAGES if getattr(self.stages, name).enabled]
@@ -268,6 +340,30 @@ class Params(Section):
             merged.update(stage.lora.model_dump(exclude_unset=True))
         return LoraParams(**merged)
 
+    def stage_template(self, name: str) -> str | None:
+        """The stage's template: its own `template` when written (null included: LF's default), else model's."""
+        stage = self.stage(name)
+        return stage.template if "template" in stage.model_fields_set else self.model.template
+
+    def stage_val_size(self, name: str) -> float:
+        """LF's val_size of the stage: its own, else data.val_size unless the stage has an eval_dataset."""
+        stage = self.stage(name)
+        if stage.val_size is not None:
+            return stage.val_size
+        return 0.0 if stage.eval_dataset else self.data.val_size
+
+    def has_held_out(self, name: str) -> bool:
+        """Does the stage have held-out data (an eval_dataset or a val_size split) to evaluate and gate on?"""
+        return bool(self.stage(name).eval_dataset) or self.stage_val_size(name) > 1e-6
+
+    def registry_in_effect(self) -> RegistryParams:
+        """`registry:` with its defaults resolved: the project's name, the final stage's headline metric."""
+        r = self.registry
+        metric = r.compare_metric or HEADLINE_METRIC[self.enabled_stages()[-1]]
+        return r.model_copy(update={
+            "model_name": r.model_name or self._project_name or DEFAULT_PROJECT_NAME, "compare_metric": metric,
+            "higher_is_better": higher_is_better(metric) if r.higher_is_better is None else r.higher_is_better})
+
     def stage_preference(self, name: str) -> PreferenceParams:
         stage = self.stage(name)
         return PreferenceParams(**{key: getattr(stage, key) for key in PreferenceParams.model_fields})
@@ -276,15 +372,15 @@ class Params(Section):
         """The data-layer options of stage `name` (the one params -> tunepipe.data mapping every stage uses).
 
         cpt packs into cutoff_len blocks at prepare time (LF's pt); sft packs at train time, so its prepared data
-        is unpacked. `data.val_size` applies only to a stage without an eval_dataset."""
+        is unpacked. `val_size` applies only to a stage without an eval_dataset."""
         from tunepipe.data.features import DataArgs
 
         stage, d = self.stage(name), self.data
-        return DataArgs(dataset_dir=str(Path(root) / d.dataset_dir), template=self.model.template,
+        return DataArgs(dataset_dir=str(Path(root) / d.dataset_dir), template=self.stage_template(name),
                         cutoff_len=d.cutoff_len, packing=self.stage_train(name).packing if name == "cpt" else False,
                         neat_packing=stage.neat_packing, train_on_prompt=stage.train_on_prompt,
                         mask_history=stage.mask_history, max_samples=d.max_samples, mix_strategy=d.mix_strategy,
-                        val_size=d.val_size if not stage.eval_dataset else 0.0, seed=d.seed,
+                        val_size=self.stage_val_size(name), seed=d.seed,
                         preprocessing_batch_size=d.preprocessing_batch_size,
                         preprocessing_num_workers=d.preprocessing_num_workers, streaming=d.streaming,
                         tool_format=d.tool_format,
@@ -298,44 +394,136 @@ class Params(Section):
         return before[-1] if before else None
 
 
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The section model that holds the key at `loc` (("stages", "sft", "max_step") -> StageParams)."""
+    model: type[BaseModel] | None = Params
+    for part in loc[:-1]:
+        info = model.model_fields.get(str(part)) if model else None
+        if info is None:
+            return None
+        annotation = info.annotation
+        args = getattr(annotation, "__args__", None) or (annotation,)  # `LoraParams | None` -> LoraParams
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model
+
+
+def _key_hint(loc: tuple) -> str:
+    """`; did you mean 'max_steps'?` from the keys valid where the unknown one was written, else the section it
+    belongs to when it is a key of another section (`cutoff_len` under train: -> data.cutoff_len)."""
+    model, name = _model_at(loc), str(loc[-1])
+    if model is not None:
+        close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean '{close[0]}'?"
+    elsewhere = [key for key, _ in describe_keys() if key.rsplit(".", 1)[-1] == name]
+    if elsewhere:
+        return f"; it belongs in {elsewhere[0].rsplit('.', 1)[0]}: ({elsewhere[0]})"
+    return ""
+
+
 def _format_error(err: ValidationError, file: str) -> ConfigError:
     first = err.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(root)"
+    loc = tuple(first["loc"])
+    key = ".".join(str(part) for part in loc) or "(root)"
     message = first["msg"]
     if first["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling; `tunepipe params --keys` lists valid keys)"
-    elif "input" in first and first["type"] not in ("missing", "value_error"):
+        message = f"unknown key{_key_hint(loc)} (`tunepipe params --keys` lists every key)"
+    elif first["type"] == "missing" and len(loc) == 1:
+        message = f"missing required section ({_required_sections_help()})"
+    elif first["type"] == "missing":
+        message = "required key missing"
+    elif first["type"] == "model_type" and first.get("input") is None:
+        message = ("empty section: " + (_required_sections_help() if key in REQUIRED_SECTIONS else
+                                        "write its keys or remove it"))
+    elif first["type"] == "model_type":
+        message = f"expected a mapping of keys, got {first.get('input')!r}"
+    elif "input" in first and first["type"] not in ("value_error",):
         message = f"{message} (got {first['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return ConfigError(message + more, key=key, file=file)
 
 
-def parse_params(data: dict[str, Any] | None, file: str = "params.yaml") -> Params:
+def _required_sections_help() -> str:
+    return ("params.yaml needs model: (model_name_or_path) and stages: (each stage to run with its dataset); "
+            "`tunepipe import llamafactory FILE.yaml ...` writes one")
+
+
+def _check(params: Params, file: str) -> None:
+    """The rules that span keys, each reported on the key to change."""
+    def fail(message: str, key: str) -> ConfigError:
+        return ConfigError(message, key=key, file=file)
+
+    for name in STAGES:
+        stage = params.stage(name)
+        if stage.enabled and not stage.dataset:
+            raise fail(f"required for an enabled stage (dataset names from dataset_info.json; or set "
+                       f"stages.{name}.enabled: false)", f"stages.{name}.dataset")
+        if stage.val_size is not None and stage.val_size > 1e-6 and stage.eval_dataset:
+            raise fail(f"cannot be used together with stages.{name}.eval_dataset (LLaMA-Factory: \"Cannot specify "
+                       f"`val_size` if `eval_dataset` is not None.\")", f"stages.{name}.val_size")
+    for key, value in [("data.val_size", params.data.val_size)] + [
+            (f"stages.{n}.val_size", params.stage(n).val_size) for n in STAGES]:
+        if value is not None and value == 1:
+            raise fail("1 would hold out every row: give a fraction in (0,1) or a row count > 1", key)
+    if params.stages.dpo.enabled and params.stages.kto.enabled:
+        raise fail("dpo and kto are alternatives: enable at most one preference stage (remove one, or set its "
+                   "enabled: false)", "stages.kto")
+    if not params.enabled_stages():
+        raise fail(f"no stage is enabled: write at least one of {', '.join(STAGES)} with its dataset", "stages")
+
+
+def parse_params(data: dict[str, Any] | None, file: str = "params.yaml", *, project_name: str | None = None) -> Params:
+    if not data:
+        raise ConfigError(f"empty: {_required_sections_help()}", file=file)
     try:
-        return Params.model_validate(data or {})
+        params = Params.model_validate(data)
     except ValidationError as err:
         raise _format_error(err, file) from None
+    _check(params, file)
+    params._project_name = project_name
+    return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def project_name(root: str | Path) -> str | None:
+    """[project] name of the pyproject.toml in `root` (None without one): the default registered model name."""
+    import tomllib
+
+    path = Path(root) / "pyproject.toml"
+    try:
+        name = tomllib.loads(path.read_text(encoding="utf-8")).get("project", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def read_yaml(path: str | Path, *, display: str | None = None) -> Any:
+    """A YAML file's data; a missing file or a syntax error is one line with the file (`display`) and line."""
     import yaml
 
     path = Path(path)
+    file = display or str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError("file not found (run from the project root)", file=str(path)) from None
+        raise ConfigError("file not found (run from the project root)", file=file) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"invalid YAML{where}: {getattr(err, 'problem', err)}", file=str(path)) from None
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML{where}: {getattr(err, 'problem', None) or err}", file=file) from None
+
+
+def load_params(path: str | Path = "params.yaml", *, display: str | None = None) -> Params:
+    """params.yaml, validated; errors name the file as `display` (default: the path)."""
+    path = Path(path)
+    file = display or str(path)
+    data = read_yaml(path, display=file)
     if data is not None and not isinstance(data, dict):
-        raise ConfigError("expected a mapping of sections (model, data, stages, ...)", file=str(path))
-    return parse_params(data, str(path))
+        raise ConfigError("expected a mapping of sections (model, data, stages, ...)", file=file)
+    return parse_params(data, file, project_name=project_name(path.parent))
 
 
 def describe_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[tuple[str, str]]:
-    """(key path, help) for every field, for `tunepipe params --keys` and docs."""
+    """(key path, help) for every field (every stage's keys under each stage name), e.g. for "did you mean"."""
     rows = []
     for name, info in model.model_fields.items():
         annotation = info.annotation
@@ -344,4 +532,36 @@ def describe_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[tup
             rows += describe_keys(nested, f"{prefix}{name}.")
         else:
             rows.append((f"{prefix}{name}", info.description or ""))
+    return rows
+
+
+def _default_text(info: Any) -> str:
+    if info.is_required():
+        return "(required)"
+    value = info.default_factory() if info.default_factory is not None else info.default
+    if isinstance(value, BaseModel):
+        return "-"
+    return "null" if value is None else str(value)
+
+
+def schema_rows() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every params.yaml key, a stage's keys once as `stages.<stage>.<key>` (their
+    training and LoRA keys default to the shared train: and lora: values): `tunepipe params`."""
+    rows: list[tuple[str, str, str]] = []
+    for section, info in Params.model_fields.items():
+        model = info.annotation
+        if section == "stages":
+            for key, field_info in StageParams.model_fields.items():
+                if key == "lora":
+                    rows += [(f"stages.<stage>.lora.{k}", f"= lora.{k}", i.description or "")
+                             for k, i in LoraParams.model_fields.items()]
+                elif key in TrainParams.model_fields:
+                    rows.append((f"stages.<stage>.{key}", f"= train.{key}", field_info.description or ""))
+                else:
+                    default = {"val_size": "= data.val_size", "template": "= model.template"}.get(
+                        key, _default_text(field_info))
+                    rows.append((f"stages.<stage>.{key}", default, field_info.description or ""))
+            continue
+        for key, field_info in model.model_fields.items():
+            rows.append((f"{section}.{key}", _default_text(field_info), field_info.description or ""))
     return rows

@@ -69,3 +69,21 @@ class RowError(Exception):
 
 class PipelineBusy(TunepipeError):
     """Another pipeline run holds this project's lock."""
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line for an unexpected exception: its own message, or, when the root cause is a full disk anywhere in
+    the chain (often wrapped by a library, e.g. SQLAlchemy's "raised as a result of Query-invoked autoflush"), that."""
+    import errno
+
+    seen, cause = set(), err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            where = f": {cause.filename}" if cause.filename else ""
+            return f"no space left on device{where}"
+        if "database or disk is full" in str(cause) or "No space left on device" in str(cause):
+            return "no space left on device (" + str(cause).strip().splitlines()[0][:200] + ")"
+        cause = cause.__cause__ or cause.__context__
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

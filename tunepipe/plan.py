@@ -42,12 +42,20 @@ class BaseInputs(Section):
     tiny_seed: int = Field(description="Seed of the embedded tiny model.")
 
 
+class ReplayInputs(Section):
+    dataset: str = Field(description="Earlier-stage dataset(s) mixed into this stage's training data.")
+    ratio: float = Field(description="Replay examples per own training example.")
+    lf_stage: str = Field(description="How the replay data is processed: pt (CPT text blocks) or sft.")
+    packing: bool | None = Field(description="pt replay: packed into cutoff_len blocks as prepare-cpt packs.")
+
+
 class PrepareInputs(Section):
     stage: StageName = Field(description="The pipeline stage whose data this prepares.")
     lf_stage: str = Field(description="LLaMA-Factory's name of the stage (the data layer's vocabulary).")
     data: dict[str, Any] = Field(description="tunepipe.data.features.DataArgs of the stage.")
     dataset: str = Field(description="Training dataset names.")
     eval_dataset: str | None = Field(description="Held-out dataset names.")
+    replay: ReplayInputs | None = Field(None, description="Replay of earlier-stage data (sft), tunepipe/data/replay.py.")
     trust_remote_code: bool = Field(description="Allow the tokenizer's own code.")
 
 
@@ -83,13 +91,17 @@ class EvaluateInputs(Section):
     eval_batch_size: int = Field(description="Batch size for scoring.")
     flash_attn: str = Field(description="Attention kernel for scoring (train: flash_attn).")
     enable_liger_kernel: bool = Field(description="Liger kernels for scoring (train: enable_liger_kernel).")
+    dataset_dir: str = Field(description="Folder of the knowledge questions (evaluate.knowledge_file).")
     evaluate: EvaluateParams = Field(description="The evaluate: section.")
     trust_remote_code: bool = Field(description="Allow the model's own code.")
 
 
 class RegisterInputs(Section):
     final_stage: StageName = Field(description="The stage whose merged model is registered.")
-    registry: RegistryParams = Field(description="The registry: section.")
+    stages: list[StageName] = Field(description="The enabled stages, in order (for the no-regression gates).")
+    registry: RegistryParams = Field(description="The registry: section, defaults resolved (name, compare metric).")
+    held_out: dict[str, bool] = Field(description="Each enabled stage -> has it held-out data (eval_dataset or "
+                                                  "val_size)? A gate on a metric of a stage without says so.")
 
 
 SECTIONS: dict[str, type[Section]] = {"base": BaseInputs, "prepare": PrepareInputs, "train": TrainInputs,
@@ -104,10 +116,25 @@ def _examples(data: dict[str, Any]) -> dict[str, Any]:
     return {key: data[key] for key in EXAMPLE_FIELDS}
 
 
+def replay_inputs(params: Params, stage: str) -> ReplayInputs | None:
+    from tunepipe.errors import ConfigError
+    from tunepipe.data.replay import replay_stage
+
+    s = params.stage(stage)
+    if not s.replay_dataset or s.replay_ratio <= 0:
+        return None
+    if stage != "sft":
+        raise ConfigError("replay is supported for the sft stage (preference stages: use pref_ftx)",
+                          key=f"stages.{stage}.replay_dataset")
+    kind = replay_stage(params, s.replay_dataset)
+    return ReplayInputs(dataset=s.replay_dataset, ratio=s.replay_ratio, lf_stage=kind,
+                        packing=params.stage_train("cpt").packing if kind == "pt" else False)
+
+
 def prepare_inputs(params: Params, stage: str) -> PrepareInputs:
     s = params.stage(stage)
     return PrepareInputs(stage=stage, lf_stage=LF_STAGE[stage], data=asdict(params.data_args(stage)),
-                         dataset=s.dataset, eval_dataset=s.eval_dataset,
+                         dataset=s.dataset, eval_dataset=s.eval_dataset, replay=replay_inputs(params, stage),
                          trust_remote_code=params.model.trust_remote_code)
 
 
@@ -115,9 +142,12 @@ def train_inputs(params: Params, stage: str) -> TrainInputs:
     pref = params.stage_preference(stage) if stage in ("dpo", "kto") else None
     data = asdict(params.data_args(stage))
     data["train_on_prompt"] = data["train_on_prompt"] and stage == "sft"  # LF applies it to sft only
+    lora = params.stage_lora(stage)
+    if lora.finetuning_type == "full":  # no adapter: the LoRA values play no part (and must not rerun the stage)
+        lora = LoraParams(finetuning_type="full")
     return TrainInputs(stage=stage, previous=params.previous_stage(stage),
                        objective=objective(stage, pref.pref_loss if pref else "sigmoid"),
-                       train=params.stage_train(stage), lora=params.stage_lora(stage), preference=pref,
+                       train=params.stage_train(stage), lora=lora, preference=pref,
                        template=_template(data), cutoff_len=params.data.cutoff_len,
                        trust_remote_code=params.model.trust_remote_code)
 
@@ -144,7 +174,8 @@ def evaluate_inputs(params: Params) -> EvaluateInputs:
         template=_template(asdict(params.data_args("sft"))),
         preference=pref, pref_beta=params.stage(pref).pref_beta if pref else 0.1,
         eval_batch_size=params.train.per_device_eval_batch_size, flash_attn=params.train.flash_attn,
-        enable_liger_kernel=params.train.enable_liger_kernel, evaluate=params.evaluate,
+        enable_liger_kernel=params.train.enable_liger_kernel, dataset_dir=params.data.dataset_dir,
+        evaluate=params.evaluate,
         trust_remote_code=params.model.trust_remote_code)
 
 
@@ -159,7 +190,8 @@ def plan(params: Params) -> dict[str, Section]:
         steps[dvc_stage("train", stage)] = train_inputs(params, stage)
         steps[dvc_stage("merge", stage)] = merge_inputs(params, stage)
     steps["evaluate"] = evaluate_inputs(params)
-    steps["register"] = RegisterInputs(final_stage=enabled[-1], registry=params.registry)
+    steps["register"] = RegisterInputs(final_stage=enabled[-1], stages=enabled, registry=params.registry_in_effect(),
+                                       held_out={s: params.has_held_out(s) for s in enabled})
     return steps
 
 

@@ -67,9 +67,9 @@ def _fingerprint(inputs: dict, name: str) -> str:
 def _check(record: dict, inputs: dict) -> None:
     case = parity.Case.from_args(record["args"])
     tok_path = inputs["tokenizers"][case.tokenizer]
-    # The record is only meaningful for the exact inputs it was written from. The tiny tokenizer is rebuilt from
-    # the project's data/ and tunepipe.models' recipe, which may legitimately change: skip (loudly) then; the
-    # bench tokenizers are files in the repo: fail.
+    # The record is only meaningful for the exact inputs it was written from. The tiny tokenizer is rebuilt by
+    # tunepipe.models.tiny's recipe (on bench/parity_assets' frozen corpus), which may legitimately change: skip
+    # (loudly) then; the bench tokenizers are files in the repo: fail.
     if _fingerprint(inputs, case.tokenizer) != record["tokenizer_fingerprint"]:
         message = (f"tokenizer {case.tokenizer} ({tok_path}) is not the one the golden record was written with; "
                    f"{REGENERATE}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from tunepipe.cli import data, pipeline, registry  # noqa: F401  (they register their commands on `app`)
+from tunepipe.cli import data, lf, pipeline, registry  # noqa: F401  (they register their commands on `app`)
 from tunepipe.cli.app import STATE, app
 
 __all__ = ["app", "main"]

@@ -48,33 +48,52 @@ def _stage_of(attr) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ data
+def _params_template() -> str | None:
+    """model.template of the params.yaml in the current directory, if there is one (read, not validated)."""
+    from tunepipe.config import read_yaml
+
+    if not Path("params.yaml").is_file():
+        return None
+    data = read_yaml("params.yaml")
+    model = data.get("model") if isinstance(data, dict) else None
+    return model.get("template") if isinstance(model, dict) else None
+
+
 @data_app.command("check")
 def data_check(
     names: Annotated[Optional[list[str]], typer.Argument(help="Entries to check (default: all).")] = None,
     dataset_dir: Annotated[str, typer.Option(help="Folder with dataset_info.json.")] = "data",
+    template: Annotated[Optional[str], typer.Option(
+        help="Chat template the data is for (default: model.template of ./params.yaml); rows with media are "
+             "unusable with every (text-only) template, as `preview` and training say.")] = None,
     hub: Annotated[bool, typer.Option(help="Also load hub datasets when checking all entries.")] = False,
     allow_scripts: Annotated[bool, typer.Option(help="Run dataset scripts (executes their code).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    show_dropped: Annotated[bool, typer.Option("--show-dropped", help="List the dropped rows (file and row, "
+                                                                     "0-based) under each reason.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON (dropped rows included).")]
+    = False,
 ) -> None:
     """Validate dataset_info.json entries and every row; exit 1 if an entry is unusable."""
     import numpy as np
 
     from tunepipe.data.converters import convert
     from tunepipe.data.loading import load_raw
-    from tunepipe.data.processors import row_issue
+    from tunepipe.data.processors import media_error, row_issue
     from tunepipe.data.registry import get_dataset_attrs, read_dataset_info, split_names
     from tunepipe.errors import DataError
 
+    template = template or _params_template()
     explicit = split_names(names or [])
     if not explicit:
         info, _ = read_dataset_info(dataset_dir)
         explicit = list(info)
     results = []
     for name in explicit:
-        result = {"dataset": name, "status": "ok", "rows": 0, "ok": 0, "dropped": {}, "error": None}
+        result = {"dataset": name, "status": "ok", "rows": 0, "ok": 0, "dropped": {}, "dropped_rows": {},
+                  "error": None}
         try:
             attr = get_dataset_attrs([name], dataset_dir)[0]
-            result["stage"] = _stage_of(attr)
+            result["stage"] = stage = _stage_of(attr)
             if attr.load_from not in ("file", "script", "cloud_file") and not names and not hub:
                 result.update(status="skipped", error=f"{attr.load_from} dataset (use --hub or name it to load)")
                 results.append(result)
@@ -83,11 +102,16 @@ def data_check(
             examples = convert(raw, media_dir=Path(dataset_dir), skip_bad_rows=True)
             result["rows"] = len(examples)
             for example in examples:
-                reason = row_issue(example, result["stage"])
+                reason = row_issue(example, stage)
+                file, row = raw.locate(example.position)
                 if reason:
                     result["dropped"][reason] = result["dropped"].get(reason, 0) + 1
-                else:
-                    result["ok"] += 1
+                    result["dropped_rows"].setdefault(reason, []).append({"file": file, "row": row})
+                    continue
+                media = media_error(example, template) if stage != "pt" else None
+                if media:  # training and `preview` stop here with this very message
+                    raise media.located(dataset=name, file=file, row=row)
+                result["ok"] += 1
             if result["ok"] == 0:
                 result.update(status="unusable", error="no usable rows")
         except DataError as err:
@@ -97,18 +121,28 @@ def data_check(
     if as_json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
-        from tunepipe.data.health import describe
-
-        width = max(len(r["dataset"]) for r in results)
-        print(f"{'dataset':<{width}}  {'stage':<5}  {'rows':>7}  {'ok':>7}  {'dropped':>7}  status")
-        for r in results:
-            dropped = sum(r["dropped"].values())
-            print(f"{r['dataset']:<{width}}  {r.get('stage', '-'):<5}  {r['rows']:>7}  {r['ok']:>7}  {dropped:>7}  "
-                  f"{r['status']}" + (f": {r['error']}" if r["error"] else ""))
-            for reason, count in sorted(r["dropped"].items(), key=lambda item: -item[1]):
-                print(f"{'':<{width}}  {'':<5}  {'':>7}  {'':>7}  {count:>7}  {reason}: {describe(reason)}")
+        _print_check(results, show_dropped)
     if any(r["status"] == "unusable" for r in results):
         raise typer.Exit(1)
+
+
+def _print_check(results: list[dict], show_dropped: bool, limit: int = 50) -> None:
+    from tunepipe.data.health import describe
+
+    width = max(len(r["dataset"]) for r in results)
+    pad = f"{'':<{width}}  {'':<5}  {'':>7}  {'':>7}  "
+    print(f"{'dataset':<{width}}  {'stage':<5}  {'rows':>7}  {'ok':>7}  {'dropped':>7}  status")
+    for r in results:
+        dropped = sum(r["dropped"].values())
+        print(f"{r['dataset']:<{width}}  {r.get('stage', '-'):<5}  {r['rows']:>7}  {r['ok']:>7}  {dropped:>7}  "
+              f"{r['status']}" + (f": {r['error']}" if r["error"] else ""))
+        for reason, count in sorted(r["dropped"].items(), key=lambda item: -item[1]):
+            print(f"{pad}{count:>7}  {reason}: {describe(reason)}")
+            if show_dropped:
+                rows = r["dropped_rows"][reason]
+                listed = ", ".join(f"{Path(d['file']).name if d['file'] else '?'}:{d['row']}" for d in rows[:limit])
+                more = f" (+{len(rows) - limit} more: --json lists all)" if len(rows) > limit else ""
+                print(f"{pad}{'':>7}    rows {listed}{more}")
 
 
 @data_app.command("preview")

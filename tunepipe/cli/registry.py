@@ -17,21 +17,28 @@ models_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry: 
 app.add_typer(models_app, name="models")
 
 
-def _registry_project(project: Path, name: Optional[str]) -> tuple[Path, str, str]:
-    """(root, registered model name, compare metric) from the project's params.yaml (or --name)."""
-    from tunepipe.config import RegistryParams, load_params
+def _registry_settings(project: Path):
+    """(root, the project's registry: settings in effect) from params.yaml; defaults where only a store exists."""
+    from tunepipe.config import DEFAULT_PROJECT_NAME, HEADLINE_METRIC, RegistryParams, load_params, project_name
     from tunepipe.errors import ConfigError
     from tunepipe.tracking.store import DB_NAME, ENV_TRACKING_URI
 
     root = project.resolve()
     params_file = root / "params.yaml"
     if params_file.exists():
-        registry = load_params(params_file).registry
-    elif os.getenv(ENV_TRACKING_URI) or (root / DB_NAME).exists():
-        registry = RegistryParams()
+        registry = load_params(params_file).registry_in_effect()
+    elif os.getenv(ENV_TRACKING_URI) or (root / DB_NAME).exists():  # no params: the defaults of a dpo chain
+        registry = RegistryParams(model_name=project_name(root) or DEFAULT_PROJECT_NAME,
+                                  compare_metric=HEADLINE_METRIC["dpo"])
     else:  # don't create an empty store in the wrong directory
         raise ConfigError(f"no params.yaml and no {DB_NAME} in {root}: run from a tunepipe project (or pass "
                           f"--project, or set {ENV_TRACKING_URI})")
+    return root, registry
+
+
+def _registry_project(project: Path, name: Optional[str]) -> tuple[Path, str, str]:
+    """(root, registered model name, compare metric) from the project's params.yaml (or --name)."""
+    root, registry = _registry_settings(project)
     return root, name or registry.model_name, registry.compare_metric
 
 
@@ -73,14 +80,18 @@ def models_list(
 @models_app.command("promote")
 def models_promote(
     version: Annotated[int, typer.Argument(help="Version to make champion.")],
+    force: Annotated[bool, typer.Option("--force", help="Promote although the version fails registry.gates.")]
+    = False,
     name: NameOption = None,
     project: ProjectOption = Path("."),
 ) -> None:
-    """Make VERSION the champion by hand (recorded in the champion history, so rollback undoes it)."""
+    """Make VERSION the champion by hand (recorded in the champion history, so rollback undoes it). A version that
+    fails the project's registry.gates needs --force; the current champion is left as it is."""
     from tunepipe.tracking import registry
 
-    root, name, _ = _registry_project(project, name)
-    previous = registry.promote(root, name, version)
+    root, settings = _registry_settings(project)
+    name = name or settings.model_name
+    previous = registry.promote(root, name, version, gates=settings.gates, force=force)
     was = f"was v{previous}" if previous is not None else "no previous champion"
     print(f"champion: {name} v{version} ({'unchanged' if previous == version else was})")
 
@@ -108,11 +119,13 @@ def ui(
 
     from tunepipe.tracking import store, ui
 
-    root, _, _ = _registry_project(project, None)
+    root, name, _ = _registry_project(project, None)
     uri = store.tracking_uri(root)
-    store.ensure_store(uri)
+    experiment_id = store.ensure_store(uri)
     command = ui.ui_command(root, host=host, port=port)
-    print(f"MLflow UI: http://{host}:{port}  (store {uri}); Ctrl-C stops", file=sys.stderr)
+    print(f"MLflow UI on {uri}; Ctrl-C stops", file=sys.stderr)
+    for label, url in ui.urls(host, port, experiment_id, name).items():
+        print(f"  {label}: {url}", file=sys.stderr)
     print("Prefect UI: run `prefect server start --host 127.0.0.1` in another terminal, then open "
           "http://127.0.0.1:4200", file=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1"):

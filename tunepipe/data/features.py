@@ -195,15 +195,21 @@ def stream_examples(names: list[str], args: DataArgs, stage: str, rng, raws: dic
 
 
 def prepare_to_disk(stage: str, names: str | list[str], args: DataArgs, tokenizer, out: Path, *,
-                    eval_names: str | list[str] | None = None) -> Prepared:
+                    eval_names: str | list[str] | None = None,
+                    amend: Callable[[Prepared], None] | None = None) -> Prepared:
     """`prepare`, with train/ and eval/ written under `out` (datasets.save_to_disk). With `streaming` the training
-    features go to an Arrow file batch by batch as they are made, so memory stays flat in the corpus size."""
+    features go to an Arrow file batch by batch as they are made, so memory stays flat in the corpus size.
+    `amend` changes the in-memory features before they are written (replay mixing); it needs `streaming` off."""
     from datasets import Dataset
 
     if not args.streaming:
         prepared = prepare(stage, names, args, tokenizer, eval_names=eval_names)
+        if amend is not None:
+            amend(prepared)
         Dataset.from_dict(prepared.train).save_to_disk(str(out / "train"))
     else:
+        if amend is not None:
+            raise ValueError("features written while streaming cannot be amended")
         from datasets.arrow_writer import ArrowWriter
 
         staging = out / ".train.arrow"

@@ -117,6 +117,17 @@ def row_issue(example: Example, stage: str) -> str | None:
     return None
 
 
+def media_error(example: Example, template: str | None) -> RowError | None:
+    """A row with images/videos/audios cannot be trained with a text template (every tunepipe template is one):
+    the processors refuse it, and `tunepipe data check` says the same for the same row."""
+    if not (example.images or example.videos or example.audios):
+        return None
+    kind = "images" if example.images else "videos" if example.videos else "audios"
+    which = f"template {template!r}" if template else "the template"
+    return RowError(f"row has {kind} but {which} is text-only (tunepipe trains text models)", field=kind,
+                    reason="media")
+
+
 class BatchTokenizer:
     """Tokenize many text pieces in one call; each piece on its own (`add_special_tokens=False`), as LF's
     `tokenizer.encode(piece)` does. Pieces that repeat (system prompts, template constants) are tokenized once.
@@ -403,10 +414,9 @@ class Processor:
         self.health.dropped[reason] += 1
 
     def _check_media(self, example: Example) -> None:
-        if example.images or example.videos or example.audios:
-            kind = "images" if example.images else "videos" if example.videos else "audios"
-            raise _LocatedRowError(RowError(f"row has {kind} but template {self.template.name!r} is text-only "
-                                            "(tunepipe trains text models)", field=kind, reason="media"), example)
+        error = media_error(example, self.template.name)
+        if error:
+            raise _LocatedRowError(error, example)
 
     # -- pt ------------------------------------------------------------------------------------------------------
     def _batch_pt(self, batch: list[Example]) -> dict[str, list]:

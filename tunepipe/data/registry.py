@@ -9,6 +9,7 @@ entry without `file_name`, accepts any type for any key and fails much later; he
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -209,8 +210,10 @@ def get_dataset_attrs(names: list[str], dataset_dir: str | Path) -> list[Dataset
             hint = ""
             if any(sep in name for sep in ("/", "\\", ".json", ".jsonl", ".csv", ".parquet", ".txt")):
                 hint = " (use the entry's name, the key in dataset_info.json, not a file path)"
+            close = difflib.get_close_matches(name, list(info), n=3, cutoff=0.6)
             known = ", ".join(sorted(info)[:12]) + (", ..." if len(info) > 12 else "")
-            raise DataError(f"undefined dataset{hint}; known: {known}", dataset=name, file=str(path))
+            which = "did you mean " + " or ".join(f"'{c}'" for c in close) + "?" if close else f"known: {known}"
+            raise DataError(f"undefined dataset{hint}; {which}", dataset=name, file=str(path))
         attrs.append(parse_entry(name, info[name], file=str(path)))
     return attrs
 

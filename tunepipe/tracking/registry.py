@@ -1,11 +1,14 @@
 """The model registry: versions of the final model, the `champion` and `candidate` aliases, promote and rollback.
 
-`register_and_promote` (what the register stage calls) uploads the model first (slow, invisible to the registry),
-then under the store lock reads the champion, decides (tunepipe.tracking.promotion), creates the version and moves
-an alias last: `champion` only when every gate passes and the new model is strictly better on compare_metric, else
-`candidate`. Every champion change is appended to the registered-model tag `tunepipe.champion_history` (JSON list
-of versions), which `rollback` pops. Metrics live on each version as `metric.<key>` tags. Aliases are always read
-with get_registered_model / get_model_version (search results carry empty alias lists).
+`register_and_promote` (what the register stage calls) first looks for a version holding the same model bytes
+(`tunepipe.model_sha256` tag, same `store`). None: it logs the model as an MLflow pyfunc model (logged_model.py; the
+slow upload, invisible to the registry) with the evaluation as the logged model's metrics, then under the store lock
+reads the champion, decides (tunepipe.tracking.promotion), creates the version and moves an alias last: `champion`
+only when every gate passes and the new model is strictly better on compare_metric, else `candidate`. Found: nothing
+is uploaded or created; that version is the champion already ("unchanged"), or it is decided again against the
+champion with this execution's metrics and gates. Every champion change is appended to the registered-model tag
+`tunepipe.champion_history` (JSON list of versions), which `rollback` pops. Aliases are always read with
+get_registered_model / get_model_version (search results carry empty alias lists).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tunepipe.errors import ConfigError, TunepipeError
+from tunepipe.errors import TunepipeError
+from tunepipe.tracking import logged_model
 from tunepipe.tracking.store import connect, lock
-from tunepipe.tracking.flatten import MAX_TAG_VALUE, clean_key, clip_value, numeric_metrics
-from tunepipe.tracking.promotion import Decision, decide_promotion
+from tunepipe.tracking.flatten import MAX_TAG_VALUE, clip_value, numeric_metrics
+from tunepipe.tracking.promotion import Decision, check_gates, decide_promotion
 from tunepipe.tracking.runs import lineage_tags
 
 CHAMPION = "champion"
@@ -31,8 +35,10 @@ DECISION_TAG = "tunepipe.decision"
 REASONS_TAG = "tunepipe.reasons"
 STORE_TAG = "tunepipe.store"
 MODEL_DIR_TAG = "tunepipe.model_dir"
-METRIC_PREFIX = "metric."
+DIGEST_TAG = "tunepipe.model_sha256"
+LEGACY_METRIC_PREFIX = "metric."  # versions registered before metrics lived on the logged model
 HISTORY_KEEP = 200
+DVC_LINEAGE = "lineage.dvc."
 
 
 class RegistryError(TunepipeError):
@@ -67,12 +73,16 @@ def _alias_version(client, name: str, alias: str) -> int | None:
     return int(aliases[alias]) if alias in aliases else None
 
 
-def _version_metrics(tags: Mapping[str, str]) -> dict[str, float]:
+def _version_metrics(client, mv) -> dict[str, float]:
+    """A version's metrics: its logged model's (latest value per key); `metric.*` tags of older versions."""
+    model_id = logged_model.model_id_of(mv.source)
+    if model_id is not None:
+        return logged_model.logged_model_metrics(client, model_id)
     metrics = {}
-    for key, value in tags.items():
-        if key.startswith(METRIC_PREFIX):
+    for key, value in (mv.tags or {}).items():
+        if key.startswith(LEGACY_METRIC_PREFIX):
             with contextlib.suppress(ValueError):
-                metrics[key[len(METRIC_PREFIX):]] = float(value)
+                metrics[key[len(LEGACY_METRIC_PREFIX):]] = float(value)
     return metrics
 
 
@@ -80,8 +90,7 @@ def _champion(client, name: str) -> dict[str, Any] | None:
     version = _alias_version(client, name, CHAMPION)
     if version is None:
         return None
-    mv = client.get_model_version(name, str(version))
-    return {"version": version, "metrics": _version_metrics(mv.tags or {})}
+    return {"version": version, "metrics": _version_metrics(client, client.get_model_version(name, str(version)))}
 
 
 def champion(project_root: str | Path, name: str) -> dict[str, Any] | None:
@@ -89,17 +98,25 @@ def champion(project_root: str | Path, name: str) -> dict[str, Any] | None:
     return _champion(connect(project_root)[0], name)
 
 
-def _upload(client, model_dir: Path, run_id: str, store: str, artifact_path: str) -> str:
-    if store == "copy":
-        client.log_artifacts(run_id, str(model_dir), artifact_path)
-        return f"runs:/{run_id}/{artifact_path}"
-    if store == "reference":
-        return str(model_dir.resolve())
-    raise ConfigError(f"expected copy or reference, got {store!r}", key="registry.store")
+def _quoted(text: str) -> str:
+    return f'"{text}"' if "'" in text else f"'{text}'"
 
 
-def _create_version(client, name: str, source: str, run_id: str, metrics: Mapping[str, Any],
-                    lineage: Mapping[str, Any], store: str, model_dir: Path) -> int:
+def _same_model(client, name: str, digest: str, store: str):
+    """The newest version of `name` holding exactly these model bytes in the same store mode, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name={_quoted(name)} and tags.`{DIGEST_TAG}` = '{digest}'")
+    except MlflowException as err:
+        if _not_found(err):
+            return None
+        raise
+    same = [mv for mv in found if (mv.tags or {}).get(STORE_TAG) == store]
+    return max(same, key=lambda mv: int(mv.version)) if same else None
+
+
+def _ensure_registered_model(client, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -109,23 +126,55 @@ def _create_version(client, name: str, source: str, run_id: str, metrics: Mappin
             raise
         client.create_registered_model(name, tags={HISTORY_TAG: "[]"},
                                        description="Registered by tunepipe's register stage.")
-    tags = {clean_key(METRIC_PREFIX + k): repr(v) for k, v in numeric_metrics(metrics).items()}
-    tags.update(lineage_tags(lineage))
-    tags.update({STORE_TAG: store, MODEL_DIR_TAG: str(model_dir.resolve())})
-    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+
+
+def version_lineage_tags(lineage: Mapping[str, Any]) -> dict[str, str]:
+    """The lineage tags a version shows: all but the DVC hashes of code and data files (the md5 of every dvc.lock
+    path, ~100 tags that would fill the registry's version table); those of pipeline outputs stay. The logged model
+    and the register run carry every hash."""
+    return {key: value for key, value in lineage_tags(lineage).items()
+            if not key.startswith(DVC_LINEAGE) or key.startswith(DVC_LINEAGE + "outputs/")}
+
+
+def _create_version(client, uri: str, name: str, info, run_id: str, lineage: Mapping[str, Any], store: str,
+                    model_dir: Path, digest: str) -> int:
+    """A version whose source is the logged model (`models:/<model id>`), linked both ways as mlflow.register_model
+    links them."""
+    import mlflow
+
+    _ensure_registered_model(client, name)
+    tags = version_lineage_tags(lineage)
+    tags.update({STORE_TAG: store, MODEL_DIR_TAG: str(model_dir.resolve()), DIGEST_TAG: digest})
+    mlflow.set_tracking_uri(uri)  # the SQL registry store resolves models:/ sources with a default client
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    versions = json.loads(client.get_logged_model(info.model_id).tags.get("mlflow.modelVersions") or "[]")
+    client.set_logged_model_tags(info.model_id, {"mlflow.modelVersions": json.dumps(
+        versions + [{"name": name, "version": mv.version}])})
     return int(mv.version)
+
+
+def _log_model(client, model_dir: Path, *, name: str, run_id: str, metrics: Mapping[str, Any],
+               lineage: Mapping[str, Any], store: str, digest: str, model_params: Mapping[str, Any] | None):
+    """Upload (or reference) the model as a logged model with the evaluation as its metrics."""
+    tags = {**lineage_tags(lineage), STORE_TAG: store, DIGEST_TAG: digest}
+    info = logged_model.log_chat_model(model_dir, name=name, run_id=run_id, store=store, params=model_params,
+                                       tags=tags)
+    logged_model.log_model_metrics(client, run_id, info.model_id, metrics)
+    return info
 
 
 def register_model(project_root: str | Path, model_dir: str | Path, *, name: str, run_id: str,
                    metrics: Mapping[str, Any], lineage: Mapping[str, Any], store: str = "copy",
-                   artifact_path: str = "model") -> int:
-    """Register `model_dir` as a new version of `name` (no alias). store="copy" logs its files as artifacts of
-    `run_id` (source runs:/<run>/model); "reference" records its absolute path. Returns the version number."""
+                   model_params: Mapping[str, Any] | None = None) -> int:
+    """Register `model_dir` as a new version of `name` (no alias): a pyfunc logged model of the active run `run_id`
+    (store="copy": the directory is its artifact; "reference": its absolute path is recorded). Returns the version."""
     client, uri, _ = connect(project_root)
     model_dir = Path(model_dir)
-    source = _upload(client, model_dir, run_id, store, artifact_path)
+    digest = logged_model.model_digest(model_dir)
+    info = _log_model(client, model_dir, name=name, run_id=run_id, metrics=metrics, lineage=lineage, store=store,
+                      digest=digest, model_params=model_params)
     with lock(uri):
-        return _create_version(client, name, source, run_id, metrics, lineage, store, model_dir)
+        return _create_version(client, uri, name, info, run_id, lineage, store, model_dir, digest)
 
 
 def _move_champion(client, name: str, version: int) -> int | None:
@@ -164,34 +213,89 @@ def apply_decision(project_root: str | Path, name: str, version: int | str, deci
         return _apply(client, name, int(version), decision)
 
 
+NEW, REDECIDED, UNCHANGED = "new", "re-decided", "unchanged"
+
+
 @dataclass
 class Registration:
     version: int
     aliases: list[str]
     decision: Decision
     previous_champion: int | None
+    model: str = NEW  # new version | same bytes as `version`, decided again | same bytes, already the champion
+    model_sha256: str = ""
+
+    @property
+    def outcome(self) -> str:
+        """What a person reads: `champion`, `candidate` or `unchanged`."""
+        return UNCHANGED if self.model == UNCHANGED else CHAMPION if self.decision.promote else CANDIDATE
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "aliases": self.aliases, "promoted": self.decision.promote,
+                "outcome": self.outcome, "model": self.model, "model_sha256": self.model_sha256,
                 "reasons": self.decision.reasons, "gate_results": self.decision.gate_results,
                 "previous_champion": self.previous_champion}
+
+
+def _redecide(client, name: str, mv, current: dict[str, Any] | None, metrics: Mapping[str, Any], run_id: str,
+              decide) -> tuple[str, Decision, list[str]]:
+    """The same bytes as version `mv`: keep it if it is the champion, else decide it again (this execution's
+    metrics become its latest metrics when they differ)."""
+    version = int(mv.version)
+    same = f"same model as v{version} (sha256 {(mv.tags or {}).get(DIGEST_TAG, '')[:12]}): no new version"
+    if current is not None and current["version"] == version:
+        results, reasons = check_gates(metrics, decide.gates)
+        return UNCHANGED, Decision(False, [same, "already the champion", *reasons], results), \
+            _aliases_of(client, name, version)
+    model_id = logged_model.model_id_of(mv.source)
+    if model_id is not None and _version_metrics(client, mv) != numeric_metrics(metrics):
+        logged_model.log_model_metrics(client, run_id, model_id, metrics)
+    decision = decide(current)
+    decision.reasons.insert(0, same)
+    return REDECIDED, decision, _apply(client, name, version, decision)
+
+
+@dataclass
+class _Decide:
+    metrics: Mapping[str, Any]
+    gates: list[Any]
+    compare_metric: str
+    higher_is_better: bool
+    missing: dict[str, str]
+
+    def __call__(self, current: dict[str, Any] | None) -> Decision:
+        return decide_promotion(self.metrics, self.gates, current["metrics"] if current else None,
+                                self.compare_metric, self.higher_is_better,
+                                champion_version=current["version"] if current else None, missing=self.missing)
 
 
 def register_and_promote(project_root: str | Path, model_dir: str | Path, *, name: str, run_id: str,
                          metrics: Mapping[str, Any], lineage: Mapping[str, Any], gates: Iterable[Any],
                          compare_metric: str, higher_is_better: bool = True, store: str = "copy",
-                         artifact_path: str = "model") -> Registration:
-    """Upload, then (under the store lock) read the champion, decide, create the version, move an alias last."""
+                         model_params: Mapping[str, Any] | None = None,
+                         missing: Mapping[str, str] | None = None) -> Registration:
+    """Find or upload the model, then (under the store lock) read the champion, decide, create the version if the
+    bytes are new, move an alias last. `run_id` must be the active MLflow run (the logged model's source run).
+    `missing`: why a metric is known to be absent (see tunepipe.tracking.promotion.check_gates)."""
     client, uri, _ = connect(project_root)
     model_dir = Path(model_dir)
-    source = _upload(client, model_dir, run_id, store, artifact_path)
+    digest = logged_model.model_digest(model_dir)
+    decide = _Decide(metrics, list(gates), compare_metric, higher_is_better, dict(missing or {}))
+    existing = _same_model(client, name, digest, store)
+    info = None
+    if existing is None:
+        info = _log_model(client, model_dir, name=name, run_id=run_id, metrics=metrics, lineage=lineage,
+                          store=store, digest=digest, model_params=model_params)
     with lock(uri):
         current = _champion(client, name)
-        decision = decide_promotion(metrics, list(gates), current["metrics"] if current else None, compare_metric,
-                                    higher_is_better, champion_version=current["version"] if current else None)
-        version = _create_version(client, name, source, run_id, metrics, lineage, store, model_dir)
-        aliases = _apply(client, name, version, decision)
-    return Registration(version, aliases, decision, current["version"] if current else None)
+        if existing is not None:
+            version = int(existing.version)
+            model, decision, aliases = _redecide(client, name, existing, current, metrics, run_id, decide)
+        else:
+            decision = decide(current)
+            version = _create_version(client, uri, name, info, run_id, lineage, store, model_dir, digest)
+            model, aliases = NEW, _apply(client, name, version, decision)
+    return Registration(version, aliases, decision, current["version"] if current else None, model, digest)
 
 
 def _require_model(client, name: str) -> None:
@@ -205,8 +309,12 @@ def _require_model(client, name: str) -> None:
         raise
 
 
-def promote(project_root: str | Path, name: str, version: int | str) -> int | None:
-    """Make `version` the champion by hand (recorded in the history). Returns the previous champion."""
+def promote(project_root: str | Path, name: str, version: int | str, *, gates: Iterable[Any] = (),
+            force: bool = False) -> int | None:
+    """Make `version` the champion by hand (recorded in the history). Returns the previous champion.
+
+    The current champion is left as it is (nothing written). A version whose metrics fail one of `gates` (the
+    project's registry.gates) is refused, naming the failed gates, unless `force`."""
     from mlflow.exceptions import MlflowException
 
     client, uri, _ = connect(project_root)
@@ -217,14 +325,23 @@ def promote(project_root: str | Path, name: str, version: int | str) -> int | No
     with lock(uri):
         _require_model(client, name)
         try:
-            client.get_model_version(name, str(version))
+            mv = client.get_model_version(name, str(version))
         except MlflowException as err:
             if _not_found(err):
                 known = sorted(v["version"] for v in _list(client, name))
                 raise RegistryError(f"{name!r} has no version {version} (versions: "
                                     f"{', '.join(map(str, known)) or 'none'})") from None
             raise
-        client.set_model_version_tag(name, str(version), DECISION_TAG, f"{CHAMPION} (manual)")
+        previous = _alias_version(client, name, CHAMPION)
+        if previous == version:
+            return previous
+        results, reasons = check_gates(_version_metrics(client, mv), gates)
+        failed = [reason for result, reason in zip(results, reasons) if not result["passed"]]
+        if failed and not force:
+            raise RegistryError(f"{name} v{version} fails its gates ({'; '.join(failed)}): "
+                                "pass --force to promote it anyway")
+        client.set_model_version_tag(name, str(version), DECISION_TAG,
+                                     f"{CHAMPION} (manual{', gates forced' if failed else ''})")
         return _move_champion(client, name, version)
 
 
@@ -284,8 +401,8 @@ def _list(client, name: str) -> list[dict[str, Any]]:
         rows.append({
             "version": int(mv.version),
             "aliases": sorted(by_version.get(int(mv.version), [])),
-            "metrics": _version_metrics(tags),
-            "tags": {k: v for k, v in tags.items() if not k.startswith(METRIC_PREFIX)},
+            "metrics": _version_metrics(client, mv),
+            "tags": {k: v for k, v in tags.items() if not k.startswith(LEGACY_METRIC_PREFIX)},
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC)
             .isoformat(timespec="seconds"),
             "run_id": mv.run_id,

@@ -1,10 +1,11 @@
-"""Trainer callbacks: one progress line per logging step, and the loss curve (CSV + PNG) for `dvc plots`.
+"""Trainer callbacks: one progress line per logging step, the loss curve (CSV + PNG) for `dvc plots`, and the same
+figures as MLflow metric history.
 
     [sft] step 40/120 | loss 1.2345 | lr 1.80e-03 | 2,310 tok/s | pad 3.1% | rss 812 MB
 
 `tok/s` is effective throughput: real (non-pad) tokens handed to the model since the previous line, divided by the
 wall time since then, summed over all processes. `pad` is the share of computed positions that were padding.
-Only the main process prints and writes files.
+Only the main process prints, writes files and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class ProgressCallback(TrainerCallback):
         self.totals = {"tokens": 0.0, "label_tokens": 0.0, "slots": 0.0}
         self.train_seconds = 0.0
         self._window = [0.0, 0.0, 0.0, 0.0]  # tokens, labels, slots, seconds since the last line
+        self.last_tokens_per_second: float | None = None  # of the latest logging step (MetricHistoryCallback)
         self._seen = (0, 0, 0)
         self._step_start: float | None = None
 
@@ -102,6 +104,7 @@ class ProgressCallback(TrainerCallback):
         tokens, _labels, slots, seconds = self._window
         self._window = [0.0, 0.0, 0.0, 0.0]
         tps = tokens / seconds if seconds > 0 else float("nan")
+        self.last_tokens_per_second = tps if math.isfinite(tps) else None
         pad = 1 - tokens / slots if slots else 0.0
         mem = peak_memory_mb()
         if state.is_world_process_zero:
@@ -178,6 +181,57 @@ def plot_loss_curve(rows: list[dict], png_path: Path, title: str) -> None:
     with atomic_open(png_path, "wb") as handle:
         fig.savefig(handle, format="png", metadata={"Software": None})  # no version string: stable bytes
     plt.close(fig)
+
+
+class MetricHistoryCallback(TrainerCallback):
+    """Every logging step's figures as MLflow metric history of the stage's run, so MLflow draws the curves: the
+    trainer's numeric logs as transformers names them (`loss`, `learning_rate`, `grad_norm`, `epoch`, `eval_loss`,
+    TRL's `rewards/*`, ...) plus `step_tokens_per_second` (ProgressCallback's tok/s; a "/" would make MLflow file it
+    under a "tokens" section), at step = the optimizer step.
+
+    Logs into `run_id` (default: the process's active MLflow run; none: does nothing), from the main process only.
+    The trainer's end-of-training summary (train_runtime, the mean train_loss) is left out: metrics/train_<stage>.json
+    holds the run's totals. Add it after ProgressCallback (it reads that callback's throughput)."""
+
+    SUMMARY_KEY = "train_runtime"
+    STEP_THROUGHPUT = "step_tokens_per_second"  # not tokens_per_second: that is the run's average (train_<stage>.json)
+
+    def __init__(self, progress: ProgressCallback | None = None, run_id: str | None = None):
+        self.progress = progress
+        self.run_id = run_id
+        self.client = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or self.client is not None:
+            return
+        mlflow = sys.modules.get("mlflow")  # imported by the stage's tracked run; never imported here for nothing
+        active = mlflow.active_run() if mlflow is not None else None
+        if self.run_id is None and active is not None:
+            self.run_id = active.info.run_id
+        if self.run_id is not None:
+            self.client = mlflow.MlflowClient(mlflow.get_tracking_uri())
+            for entry in state.log_history:  # restored from a checkpoint: the curve starts at step 1 again
+                self._log(entry, int(entry.get("step", 0)), tokens_per_second=None)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.client is not None and state.is_world_process_zero:
+            self._log(logs or {}, state.global_step,
+                      tokens_per_second=self.progress.last_tokens_per_second if self.progress else None)
+
+    def _log(self, logs: dict, step: int, *, tokens_per_second: float | None) -> None:
+        from mlflow.entities import Metric
+
+        from tunepipe.tracking.flatten import clean_key
+
+        if self.SUMMARY_KEY in logs:
+            return
+        values = {clean_key(k): float(v) for k, v in logs.items() if k != "step"
+                  and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if "loss" in logs and tokens_per_second is not None:
+            values[self.STEP_THROUGHPUT] = tokens_per_second
+        now = int(time.time() * 1000)
+        if values:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
 
 class StopAfterStep(TrainerCallback):

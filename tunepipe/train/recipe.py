@@ -80,6 +80,7 @@ class Run:
     notes: list[str] = field(default_factory=list)
     resized_vocab: bool = False
     quantization: str | None = None  # e.g. "4-bit bnb (nf4, double quant)" for QLoRA
+    stop: Any = None  # tunepipe.train.stopping.StopRequest: a signal asked for a checkpoint and a clean stop
 
     @property
     def stage(self) -> str:
@@ -335,6 +336,7 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
     from tunepipe.train.lora import describe, lora_config
     from tunepipe.train.packing import pack_dataset
     from tunepipe.train.resume import run_fingerprint, resolve_resume
+    from tunepipe.train.stopping import CompleteCheckpoint, StopOnRequest, StopRequest
 
     stage = inputs.stage
     run = Run(inputs=inputs, paths=paths)
@@ -387,7 +389,8 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
                          f"{100 * train_ds.fill():.1f}% full")
     run.progress = ProgressCallback(stage, run.counter)
     run.curve = LossCurveCallback()
-    all_callbacks = [run.progress, run.curve, *callbacks]
+    run.stop = StopRequest()
+    all_callbacks = [run.progress, run.curve, CompleteCheckpoint(), StopOnRequest(run.stop), *callbacks]
 
     if run.kind in ("clm", "sft"):
         if peft_config is not None:
@@ -448,7 +451,12 @@ def train(run: Run) -> dict[str, Any]:
     if run.resume_from:
         resumed_step = int(Path(run.resume_from).name.rsplit("-", 1)[-1])
     started = time.perf_counter()
+    run.stop.install()  # from here, SIGTERM/SIGINT end the step, save a checkpoint and stop
     output = trainer.train(resume_from_checkpoint=run.resume_from)
+    if run.stop.exit_code is not None:
+        log.warning("[%s] stopped at step %d: checkpoint kept in %s, the next run resumes from it; no adapter "
+                    "written", run.stage, trainer.state.global_step, run.paths.checkpoints)
+        raise SystemExit(run.stop.exit_code)
     eval_metrics: dict[str, float] = {}
     if trainer.eval_dataset is not None:
         last_eval = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)

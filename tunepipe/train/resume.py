@@ -79,18 +79,36 @@ def run_fingerprint(inputs, paths) -> dict[str, Any]:
     }
 
 
-def resolve_resume(checkpoints: Path, fingerprint: dict[str, Any], *, is_main: bool) -> str | None:
-    """The latest checkpoint if it was written for this exact fingerprint; otherwise clear stale checkpoints (main
-    process only) and record the new fingerprint. Returns the checkpoint path or None (fresh start)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def last_complete_checkpoint(checkpoints: Path, *, remove_incomplete: bool) -> str | None:
+    """The highest `checkpoint-N` that transformers finished writing (tunepipe.train.stopping marks those)."""
+    from tunepipe.train.stopping import is_complete
 
+    if not checkpoints.is_dir():
+        return None
+    found = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in checkpoints.glob("checkpoint-*")
+                   if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
+    for step, path in reversed(found):
+        if is_complete(path):
+            return str(path)
+        log.warning("skipping incomplete checkpoint %s (it was not completely written); removing it", path)
+        if remove_incomplete:
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def resolve_resume(checkpoints: Path, fingerprint: dict[str, Any], *, is_main: bool) -> str | None:
+    """The latest complete checkpoint if it was written for this exact fingerprint; otherwise clear stale checkpoints
+    (main process only) and record the new fingerprint. Returns the checkpoint path or None (fresh start).
+
+    Incomplete checkpoints (no completion marker: killed mid-save, disk full, an empty folder) are skipped with a
+    warning and removed, so one bad save never blocks later runs."""
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     file = checkpoints / FINGERPRINT_FILE
     try:
         stored = json.loads(file.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         stored = None
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints, remove_incomplete=is_main)
     if stored is not None and stored.get("digest") == digest and last is not None:
         state = json.loads((Path(last) / "trainer_state.json").read_text())
         if state["global_step"] < state["max_steps"]:

@@ -203,7 +203,7 @@ class Template:
             )
             logger.info("Add %s to stop words.", ",".join(stop_words))
             if added > 0:
-                logger.warning("New tokens have been added, make sure `resize_vocab` is True.")
+                logger.warning("New tokens have been added: training grows the model's embedding to match (logged).")
 
         if tokenizer.chat_template is None or self.replace_jinja_template:
             tokenizer.chat_template = self.jinja_template(tokenizer)
@@ -603,7 +603,7 @@ def _add_or_replace_eos(tokenizer: Any, eos_token: str) -> None:
     added = tokenizer.add_special_tokens({"eos_token": eos_token})
     logger.info("%s eos token: %s", "Add" if is_added else "Replace", tokenizer.eos_token)
     if added > 0:
-        logger.warning("New tokens have been added, make sure `resize_vocab` is True.")
+        logger.warning("New tokens have been added: training grows the model's embedding to match (logged).")
 
 
 def _require_chat_template(tokenizer: Any) -> str:

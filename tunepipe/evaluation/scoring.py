@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunepipe import metrics as M
+from tunepipe.evaluation import similarity as M
 from tunepipe.data.processors import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
