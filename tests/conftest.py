@@ -26,6 +26,12 @@ SHARED = ROOT.parent / "shared"
 LF_DEMO = SHARED / "data" / "llamafactory-demo"
 
 
+def pytest_collection_modifyitems(items):
+    """tests/test_pipeline.py is the shared project's history from its cold run on: it must come before any other
+    module that uses that project (test_faults.py sorts before it and would otherwise do the first run)."""
+    items.sort(key=lambda item: item.path.name != "test_pipeline.py" or "pipeline_project" not in item.fixturenames)
+
+
 @pytest.fixture
 def lf_demo() -> Path:
     if not LF_DEMO.is_dir():

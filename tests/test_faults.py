@@ -70,7 +70,9 @@ def runs_by_status(project: Path) -> dict[str, set[str]]:
                                 order_by=["attributes.start_time DESC"])[0]
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{latest.info.run_id}'")
     statuses: dict[str, set[str]] = {}
-    for run in [latest, *children]:
+    # the pipeline run is named after its outcome ("12-01 14:08 · 1 ran"): file it under its kind
+    statuses.setdefault(latest.info.status, set()).add("pipeline")
+    for run in children:
         statuses.setdefault(run.info.status, set()).add(run.info.run_name)
     return statuses
 
