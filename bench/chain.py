@@ -106,8 +106,9 @@ def run_variant(name: str, workdir: Path, env: dict) -> dict:
             raise SystemExit(f"{name}: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     wall = time.perf_counter() - start
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
-    train = {s: json.loads((project / "metrics" / f"train_{s}.json").read_text())
-             for s in ("cpt", "sft", "dpo") if (project / "metrics" / f"train_{s}.json").exists()}
+    logs = project / "outputs" / "logs"
+    train = {s: json.loads((logs / f"train_{s}.measured.json").read_text())
+             for s in ("cpt", "sft", "dpo") if (logs / f"train_{s}.measured.json").exists()}
     samples = json.loads((project / "metrics" / "samples.json").read_text())
     final = metrics["final"]
     forgetting = metrics.get("forgetting", {})

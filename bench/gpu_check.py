@@ -210,6 +210,7 @@ def run_shape(shape: str, args, work: Path, peak: float) -> list[dict]:
         train = project / "metrics" / "train_sft.json"
         if row["status"] == "ok" or (row["status"].startswith("failed") and train.exists()):
             metrics = json.loads(train.read_text())
+            metrics.update(json.loads((project / "outputs" / "logs" / "train_sft.measured.json").read_text()))
             row["tokens_per_second"] = metrics["tokens_per_second"]
             row["padding_fraction"] = metrics["padding_fraction"]
             row["peak_mem_mb"] = metrics.get("peak_gpu_mb", metrics["peak_rss_mb"])
@@ -217,7 +218,8 @@ def run_shape(shape: str, args, work: Path, peak: float) -> list[dict]:
             merge = project / "metrics" / "merge_sft.json"
             if merge.exists():
                 row["merge_max_dlogit"] = json.loads(merge.read_text())["max_logit_diff"]
-        for path in ("metrics/train_sft.json", "metrics/merge_sft.json", "metrics/train_dpo.json"):
+        for path in ("metrics/train_sft.json", "metrics/merge_sft.json", "metrics/train_dpo.json",
+                     "outputs/logs/train_sft.measured.json"):
             (project / path).unlink(missing_ok=True)  # a later variant must not report this one's figures
         rows.append(row)
         print_row(row, flush=True)

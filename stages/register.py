@@ -114,7 +114,7 @@ def main(argv: list[str]) -> None:
             model_params={name: section.model_dump(mode="json") for name, section in recipe.items()},
             # a gate on a metric of a stage without held-out data says so, rather than only "missing"
             missing={metric: missing_reason(stage) for metric, stage in metric_sources(list(spec.held_out)).items()
-                     if not spec.held_out[stage]})
+                     if not spec.held_out.get(stage, True)})
         if result.model != reg.NEW:  # no new logged model took the metrics: the run still shows what was decided on
             runs.log_metrics(metrics, run_id)
         report = {"name": registry.model_name, **result.to_json()}

@@ -10,7 +10,9 @@ Reads  its plan section (effective train:, lora:, preference and template values
        model (outputs/models/<previous> or the base model) and the base tokenizer.
 Writes outputs/adapters/<stage>/     adapter_model.safetensors + adapter_config.json + tokenizer (atomic)
        outputs/checkpoints/<stage>/  checkpoint-N/ every save_steps + fingerprint.json (resume after a kill)
-       metrics/train_<stage>.json    final train/eval loss, steps, tokens, tokens/s, seconds, peak memory
+       metrics/train_<stage>.json    final train/eval loss, steps, tokens, padding (what identical runs reproduce)
+       outputs/logs/train_<stage>.measured.json  tokens/s, seconds, peak memory of this run (also on its MLflow
+                                     run; not versioned: they differ between identical runs)
        plots/loss_<stage>.csv|.png   the loss curve (step, loss, eval_loss)
        MLflow                        loss, eval_loss, learning_rate, grad_norm, tokens/s per logging step, as the
                                      metric history of this stage's run (when tracked)
@@ -43,6 +45,7 @@ def main(argv: list[str]) -> None:
         checkpoints=common.checkpoint_dir(stage),
         metrics=common.metrics_file("train", stage),
         plots=common.PLOTS,
+        measured=common.OUTPUTS / "logs" / f"train_{stage}.measured.json",
     )
     fail_after = os.environ.get("TUNEPIPE_FAIL_AFTER_STEP")
     common.work_begins(f"train-{stage}")
@@ -52,8 +55,17 @@ def main(argv: list[str]) -> None:
     # train (continues from the last matching checkpoint) and evaluate on the held-out split
     metrics = recipe.train(run)
 
-    # save: adapter, metrics, loss curve
+    # save: adapter, metrics, loss curve; this run's throughput and memory onto its MLflow run
     recipe.save(run, metrics)
+    log_measured(recipe.measured(metrics))
+
+
+def log_measured(values: dict[str, float]) -> None:
+    import sys
+
+    mlflow = sys.modules.get("mlflow")  # imported by the stage's tracked run (common.run, track=True)
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.log_metrics(values)
 
 
 def rank_zero() -> bool:

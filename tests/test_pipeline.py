@@ -76,6 +76,17 @@ def test_cold_run_trains_every_stage_and_registers_a_champion(project):
     assert prepare.params["dataset"] == "demo_sft,demo_sft_chat" and "examples_out" in prepare.metrics
     assert not any(k.startswith(("train", "eval_")) for k in prepare.metrics)
     assert all(r.data.metrics["startup_seconds"] > 0 for r in runs)
+    # what evaluate wrote (fact questions, forgetting included) is exactly what `tunepipe run` validates gates on
+    from tunepipe.evaluation.knowledge import kinds, read_questions
+    from tunepipe.metric_keys import metric_sources
+    from tunepipe.tracking.flatten import numeric_metrics
+
+    evaluated = numeric_metrics(json.loads((project / "metrics" / "evaluate.json").read_text()))
+    questions = kinds(read_questions(project / "data" / "knowledge_eval.json"))
+    assert set(evaluated) == set(metric_sources(["cpt", "sft", "dpo"], questions))
+    # measured figures stay out of the versioned metrics (they go to the run and the log)
+    assert "tokens_per_second" in by_stage["train-sft"].data.metrics
+    assert "tokens_per_second" not in json.loads((project / "metrics" / "train_sft.json").read_text())
 
 
 def test_second_run_retrains_nothing(project):

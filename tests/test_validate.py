@@ -84,6 +84,11 @@ def _set(path: str, value):
     return change
 
 
+def _gate_on_kto_facts(params):
+    params["evaluate"] = {"knowledge_file": "knowledge_eval.json"}  # its questions are of kinds sft, dpo and cpt
+    params["registry"]["gates"] = [{"metric": "final.fact_accuracy_kto", "min": 0.5}]
+
+
 # (id, params.yaml (dict or text), extra CLI args, the exact error line; {root} is the project directory)
 CASES = [
     ("typo in a key", edit(_set("train.max_step", 3)), (),
@@ -138,6 +143,11 @@ CASES = [
     ("compare metric of a disabled stage", edit(_set("registry.compare_metric", "final.perplexity")), (),
      "error: file params.yaml, key 'registry.compare_metric': 'final.perplexity' is not a metric evaluate writes "
      "for stages sft, dpo (it is computed on cpt data: add that stage)"),
+    ("knowledge file", edit(_set("evaluate.knowledge_file", "facts.json")), (),
+     f"error: file params.yaml, key 'evaluate.knowledge_file': facts.json: no such file in {DATA}"),
+    ("fact kind the questions lack", edit(_gate_on_kto_facts), (),
+     "error: file params.yaml, key 'registry.gates.0.metric': 'final.fact_accuracy_kto' is not a metric evaluate "
+     "writes for stages sft, dpo; did you mean 'final.fact_accuracy_sft'?"),
     ("registry model name", edit(_set("registry.model_name", "acme/bot")), (),
      "error: file params.yaml, key 'registry.model_name': 'acme/bot': MLflow model names cannot contain '/' or ':' "
      "or resolve to another path"),
@@ -207,6 +217,19 @@ def test_metric_sources_per_stage_set():
         *(f"{section}.{key}" for section in ("base", "sft", "final") for key in (
             "sft_loss", "predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "gen_stopped",
             "gen_tokens")), "checks.sft_loss_reduction", "counts.sft_examples", "counts.generation_prompts"}
+
+
+def test_metric_sources_with_fact_questions_and_forgetting():
+    keys = metric_sources(["cpt", "sft", "dpo"], ["sft", "dpo", "cpt"])
+    assert keys["final.fact_accuracy_sft"] == keys["base.fact_accuracy"] == "knowledge"
+    assert keys["checks.dpo_fact_accuracy_gain"] == "knowledge"
+    # each stage's own skill on every later model: cpt's perplexity, sft's loss and facts; dpo is last
+    assert {k for k in keys if k.startswith("forgetting.")} == {
+        "forgetting.perplexity_ratio.sft", "forgetting.perplexity_ratio.dpo", "forgetting.perplexity_ratio.final",
+        "forgetting.sft_loss_ratio.dpo", "forgetting.sft_loss_ratio.final",
+        "forgetting.fact_accuracy_sft_drop.dpo", "forgetting.fact_accuracy_sft_drop.final"}
+    assert keys["forgetting.sft_loss_ratio.final"] == "sft" and keys["forgetting.perplexity_ratio.sft"] == "cpt"
+    assert not any(k.startswith(("forgetting.", "base.fact")) for k in metric_sources(["sft"]))
 
 
 def test_lora_targets_of_a_local_model_come_from_its_safetensors_header(tmp_path, tiny):

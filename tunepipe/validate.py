@@ -58,7 +58,7 @@ def validate_project(root: str | Path) -> Validation:
     _check_parsed_templates(params, model_folder(root, params.model.model_name_or_path))
     modules = model_modules(root, params.model.model_name_or_path)
     _check_lora(params, modules)
-    _check_metrics(params, result)
+    _check_metrics(params, result, fact_kinds(folder, params))
     _check_registry_name(params.registry_in_effect().model_name, explicit=params.registry.model_name is not None)
     return result
 
@@ -262,16 +262,36 @@ def _check_lora(params: Params, modules: list[str] | None) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- metrics
-def _check_metrics(params: Params, result: Validation) -> None:
+def fact_kinds(folder: Path, params: Params) -> list[str]:
+    """The kinds of question in evaluate.knowledge_file (each gives final.fact_accuracy_<kind>); [] without one."""
+    from tunepipe.evaluation.knowledge import kinds, read_questions
+
+    name = params.evaluate.knowledge_file
+    if name is None:
+        return []
+    key = "evaluate.knowledge_file"
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise _fail(f"{name}: outside the dataset folder {params.data.dataset_dir}", key)
+    if not path.is_file():
+        raise _fail(f"{name}: no such file in {params.data.dataset_dir}", key)
+    try:
+        return kinds(read_questions(path))
+    except (ValueError, TypeError, KeyError) as err:  # JSON syntax, rows that are not objects
+        raise _fail(f"{name}: not a JSON list of question rows ({err})", key) from None
+
+
+def _check_metrics(params: Params, result: Validation, fact_kinds: list[str]) -> None:
     stages = params.enabled_stages()
-    sources = metric_sources(stages)
+    sources = metric_sources(stages, fact_kinds)
     registry = params.registry_in_effect()
     wanted = [(f"registry.gates.{i}.metric", gate.metric) for i, gate in enumerate(registry.gates)]
     if params.registry.compare_metric is not None:
         wanted.append(("registry.compare_metric", registry.compare_metric))
     every = {**metric_sources(["cpt", "sft", "kto"]), **metric_sources(["cpt", "sft", "dpo"])}
+    lm_eval = tuple(f".lmeval_{task}_" for task in params.evaluate.lm_eval_tasks)  # its metric names: the task's
     for key, metric in wanted:
-        if metric not in sources:
+        if metric not in sources and not any(part in metric for part in lm_eval):
             final = ", ".join(k for k in sources if k.startswith("final."))
             if metric in every:  # a real metric, of a stage this project does not run (or runs earlier)
                 missing = "" if every[metric] in stages else ": add that stage"

@@ -25,22 +25,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tunepipe.metric_keys import SKILLS
+
 log = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "assets" / "lm_eval"
 TASK_YAML = TASK_DIR / "tunepipe_facts.yaml"
 TASK = "tunepipe_facts"
 METRIC = "fact_exact_match"
-
-# Each stage's own held-out skill: (stage, metric key in a model's section, higher is better).
-SKILLS: tuple[tuple[str, str, bool], ...] = (
-    ("cpt", "perplexity", False),
-    ("sft", "sft_loss", False),
-    ("sft", "fact_accuracy_sft", True),
-    ("dpo", "pref_accuracy", True),
-    ("kto", "reward_accuracy", True),
-)
-
 
 def read_questions(path: str | Path) -> list[dict[str, Any]]:
     rows = json.loads(Path(path).read_text(encoding="utf-8"))

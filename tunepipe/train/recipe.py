@@ -65,6 +65,21 @@ class StagePaths:
     checkpoints: Path  # outputs/checkpoints/<stage>
     metrics: Path  # metrics/train_<stage>.json
     plots: Path  # plots/ (loss_<stage>.csv, loss_<stage>.png)
+    measured: Path | None = None  # outputs/logs/train_<stage>.measured.json: MEASURED_KEYS (not versioned)
+
+
+# Figures of this run on this machine (throughput, time, memory): two identical runs differ in them, so they go to
+# the log, the MLflow run and `StagePaths.measured`, never into the versioned metrics file (DVC would see a change).
+MEASURED_KEYS = ("tokens_per_second", "seconds", "trainer_seconds", "peak_rss_mb", "peak_gpu_mb")
+
+
+def versioned(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics that identical runs reproduce: what metrics/train_<stage>.json holds."""
+    return {k: v for k, v in metrics.items() if k not in MEASURED_KEYS}
+
+
+def measured(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics[k] for k in MEASURED_KEYS if metrics.get(k) is not None}
 
 
 @dataclass
@@ -538,7 +553,10 @@ def save(run: Run, metrics: dict[str, Any]) -> None:
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         replace_dir(tmp, dest)
-        atomic_write_text(run.paths.metrics, json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(run.paths.metrics, json.dumps(versioned(metrics), indent=2) + "\n")
+        if run.paths.measured is not None:
+            atomic_write_text(run.paths.measured, json.dumps(measured(metrics), indent=2) + "\n")
+        log.info("[%s] %s", run.stage, ", ".join(f"{k} {v:,}" for k, v in measured(metrics).items()))
         run.curve.write(run.paths.plots / f"loss_{run.stage}.csv", run.paths.plots / f"loss_{run.stage}.png",
                         title=f"{run.stage} ({run.kind})")
         # The stage is done: its checkpoints (adapter + optimizer state, whole models for full fine-tuning) are
