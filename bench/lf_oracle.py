@@ -149,7 +149,8 @@ def run(args: argparse.Namespace, scratch: str) -> int:
     output_dir = os.path.join(scratch, "output")  # never written to; TrainingArguments requires one
     model_args, data_args, training_args, _, _ = get_train_args(train_config(args, output_dir))
     print(f"[lf_oracle] stage={args.stage} (LF get_dataset stage {LF_STAGE[args.stage]}) packing={data_args.packing} "
-          f"neat_packing={data_args.neat_packing} effective cutoff_len={data_args.cutoff_len} seed={training_args.seed}",
+          f"neat_packing={data_args.neat_packing} effective cutoff_len={data_args.cutoff_len} "
+          f"seed={training_args.seed}",
           file=sys.stderr)
 
     # 2. tokenizer, template fix, dataset: the workflow's own calls (train/*/workflow.py).

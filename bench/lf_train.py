@@ -5,7 +5,8 @@
 
 bench/train.py starts it (it is not imported by tunepipe). It calls LF's own `run_exp` (the code behind
 `llamafactory-cli train`) with the YAML keys below, plus one TrainerCallback and a wrapped compute_loss that
-measure exactly what tunepipe's ProgressCallback measures: real (non-padding) tokens of the batches trained on, and the wall time of the optimizer steps (on_step_begin -> on_step_end: forward, backward, optimizer).
+measure exactly what tunepipe's ProgressCallback measures: real (non-padding) tokens of the batches trained on,
+and the wall time of the optimizer steps (on_step_begin -> on_step_end: forward, backward, optimizer).
 Writes out/lf_metrics.json ({tokens, slots, seconds, steps, tokens_per_second, padding_fraction}) and LF's
 adapter (out/adapter).
 """

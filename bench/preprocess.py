@@ -12,12 +12,14 @@ with a row number) generated under the work dir at each size (never committed), 
 get_dataset (non-streaming: LF's streaming tokenizes during training instead, so there is nothing to time) with
 the same number of workers. Printed per size and side: wall seconds, corpus MB/s, peak memory (anonymous RSS of
 the process and its workers together, sampled every 0.1 s; memory-mapped Arrow pages are page cache, not counted;
-pages a forked worker shares with its parent count once per process, overstating both sides a little). With `--check` the outputs are compared token for token (a sha256 over every
+pages a forked worker shares with its parent count once per process, overstating both sides a little). With
+`--check` the outputs are compared token for token (a sha256 over every
 block) against LF run with one worker: with several, LF cuts the rows into shards and batches within each (its
 datasets.map(num_proc)), a different block boundary; tunepipe's streaming keeps the batches of one stream.
 
 Data: 80% alpaca rows (LLaMA-Factory's alpaca_en_demo) and 20% tool-call conversations (glaive_toolcall_en_demo),
-each user and assistant message made distinct with a row number so no cache can skip work; qwen template; cutoff_len 1024; a 32k byte-level BPE
+each user and assistant message made distinct with a row number so no cache can skip work; qwen template;
+cutoff_len 1024; a 32k byte-level BPE
 tokenizer with Qwen's chat special tokens (no hub access here, so it is trained on the demo text). Both sides run as
 fresh processes from the same command line (`tunepipe data export` and bench/lf_oracle.py with the same options),
 end to end: imports, loading, conversion, tokenization, writing JSON Lines. The script prints both wall times, the

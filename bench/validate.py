@@ -56,7 +56,8 @@ def main() -> None:
             params = yaml.safe_load(yaml.safe_dump(shipped))
             change(params)
             (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            runs = {"cli": [sys.executable, "-m", "tunepipe.cli", "run"], "flow": [sys.executable, "-m", "flows", "run"]}
+            runs = {"cli": [sys.executable, "-m", "tunepipe.cli", "run"],
+                    "flow": [sys.executable, "-m", "flows", "run"]}
             best = {}
             for side, command in runs.items():
                 results = [timed(command, root, env) for _ in range(args.repeats if side == "cli" else 1)]

@@ -182,7 +182,8 @@ def _save_traceback(name: str) -> str:
     """The full traceback, kept out of the one-line error but never lost: outputs/logs/<step>.traceback.txt."""
     import traceback
 
-    path = OUTPUTS / "logs" / f"{name}.traceback.txt"
+    rank = os.environ.get("RANK", "0")  # under a launcher every process may fail: one file each
+    path = OUTPUTS / "logs" / (f"{name}.traceback.txt" if rank == "0" else f"{name}.rank{rank}.traceback.txt")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(traceback.format_exc())

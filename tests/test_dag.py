@@ -81,7 +81,8 @@ def test_cpt_disabled_starts_sft_from_the_base_model():
 
 
 def test_kto_instead_of_dpo():
-    stages = graph(dpo={"enabled": False}, kto={"enabled": True, "dataset": "demo_kto", "eval_dataset": "demo_kto_eval"})
+    stages = graph(dpo={"enabled": False},
+                   kto={"enabled": True, "dataset": "demo_kto", "eval_dataset": "demo_kto_eval"})
     assert names(stages)[-5:] == ["merge-sft", "train-kto", "merge-kto", "evaluate", "register"]
     assert not any("dpo" in name for name in stages)
     assert [d for d in stages["prepare-kto"]["deps"] if d.startswith("data/")] == [

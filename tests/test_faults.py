@@ -20,6 +20,8 @@ import yaml
 from tests.conftest import project_env, tunepipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# Long enough for a signal to land mid-training (~0.1 s a step, a checkpoint every 3), short enough for CI.
+SFT_STEPS = 100
 
 
 def copy_project(source: Path, dest: Path, **stage_values) -> Path:
@@ -78,7 +80,7 @@ def runs_by_status(project: Path) -> dict[str, set[str]]:
 
 
 def test_sigterm_stops_everything_and_the_next_run_resumes(finished_project, tmp_path):
-    project = copy_project(finished_project, tmp_path / "p", sft={"max_steps": 400, "save_steps": 3})
+    project = copy_project(finished_project, tmp_path / "p", sft={"max_steps": SFT_STEPS, "save_steps": 3})
     run = start_run(project)
     checkpoint = wait_for_checkpoint(project, "sft")
     tree = [psutil.Process(run.pid), *psutil.Process(run.pid).children(recursive=True)]
@@ -100,11 +102,11 @@ def test_sigterm_stops_everything_and_the_next_run_resumes(finished_project, tmp
     result = json.loads(tunepipe(project, "run", "--json").stdout.strip().splitlines()[-1])
     assert {s["name"]: s["status"] for s in result["stages"]}["train-sft"] == "ran"
     metrics = json.loads((project / "metrics" / "train_sft.json").read_text())
-    assert metrics["resumed_from_step"] >= step and metrics["steps"] == 400
+    assert metrics["resumed_from_step"] >= step and metrics["steps"] == SFT_STEPS
 
 
 def test_a_killed_runs_orphans_are_stopped_before_the_next_run(finished_project, tmp_path):
-    project = copy_project(finished_project, tmp_path / "p", sft={"max_steps": 400, "save_steps": 3})
+    project = copy_project(finished_project, tmp_path / "p", sft={"max_steps": SFT_STEPS, "save_steps": 3})
     run = start_run(project)
     wait_for_checkpoint(project, "sft")
     orphans = psutil.Process(run.pid).children(recursive=True)
@@ -122,7 +124,18 @@ def test_a_killed_runs_orphans_are_stopped_before_the_next_run(finished_project,
 
 def test_a_trainer_refusal_is_one_line_through_the_flow(finished_project, tmp_path):
     project = copy_project(finished_project, tmp_path / "p", sft={"lora": {"lora_target": "no_such_proj"}})
+    # `tunepipe run` checks the modules before anything starts ...
     proc = tunepipe(project, "run")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: file params.yaml, key 'stages.sft.lora.lora_target': module 'no_such_proj' is not in tiny; did you "
+        "mean 'o_proj'? (its "
+        "modules: down_proj, embed_tokens, gate_proj, input_layernorm, k_proj, lm_head, norm, o_proj, "
+        "post_attention_layernorm, q_proj, up_proj, v_proj)"]
+    assert not (project / "outputs" / "logs").exists()
+    # ... and a deployment's run, which starts the flow without the CLI, gets PEFT's refusal from the stage in one
+    # line, with the traceback kept
+    proc = subprocess.run([sys.executable, "-m", "flows", "run"], cwd=project, env=project_env(), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage train-sft failed") and "no_such_proj" in last and "not found" in last

@@ -16,6 +16,14 @@ from tunepipe.assets.lm_eval import facts_utils
 from tunepipe.config import SkillTolerance, parse_params
 from tunepipe.errors import ConfigError
 from tunepipe.tracking.promotion import decide_promotion, no_regression_gates
+from tests.conftest import DEMO_PARAMS_YAML
+
+
+def demo_params(**sections):
+    """The demo's required sections (model, stages) with `sections` added."""
+    import yaml
+
+    return parse_params({**yaml.safe_load(DEMO_PARAMS_YAML), **sections})
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTRACTORS = ["Via", "Deor", "Gowick", "Brurby"]
@@ -176,16 +184,16 @@ def test_baseline_gate_edge_cases():
 
 
 def test_gate_and_skill_params_are_validated():
-    params = parse_params({"registry": {
+    params = demo_params(registry={
         "gates": [{"metric": "dpo.pref_accuracy", "baseline": "sft.pref_accuracy", "max_drop": 0.0}],
-        "no_regression": [{"stage": "sft", "metric": "sft_loss", "max_ratio": 1.1}]}})
+        "no_regression": [{"stage": "sft", "metric": "sft_loss", "max_ratio": 1.1}]})
     assert params.registry.no_regression_vs == ["previous", "own", "base"]
     with pytest.raises(ConfigError, match="baseline gate needs max_drop"):
-        parse_params({"registry": {"gates": [{"metric": "a.b", "baseline": "c.b"}]}})
+        demo_params(registry={"gates": [{"metric": "a.b", "baseline": "c.b"}]})
     with pytest.raises(ConfigError, match="need a baseline"):
-        parse_params({"registry": {"gates": [{"metric": "a.b", "max_ratio": 2}]}})
+        demo_params(registry={"gates": [{"metric": "a.b", "max_ratio": 2}]})
     with pytest.raises(ConfigError, match="exactly one of max_drop"):
-        parse_params({"registry": {"no_regression": [{"stage": "sft", "metric": "x"}]}})
+        demo_params(registry={"no_regression": [{"stage": "sft", "metric": "x"}]})
 
 
 def test_shipped_params_gate_on_facts_and_no_regression():
@@ -213,6 +221,6 @@ def test_replay_mix_is_seeded_and_counted():
 
 
 def test_replay_stage_follows_the_cpt_datasets():
-    params = parse_params({})
+    params = demo_params()
     assert replay.replay_stage(params, "demo_cpt") == "pt"
     assert replay.replay_stage(params, "demo_sft") == "sft"

@@ -67,7 +67,7 @@ def test_dvc_yaml_carries_the_command_and_the_config_files_as_deps():
     stages = dag.build(ROOT, parse_params(data))["stages"]
     assert stages["train-sft"]["cmd"] == "torchrun --nproc-per-node 2 -m stages.train sft"
     assert stages["train-cpt"]["cmd"] == "python -m stages.train cpt"
-    assert str((ROOT / ds).resolve()) in stages["train-sft"]["deps"]  # outside the project: an absolute dep
+    assert ds in stages["train-sft"]["deps"]  # outside the project: as params.yaml writes it (the same in every clone)
     from tunepipe.plan import train_inputs
 
     assert train_inputs(parse_params(data), "sft").train.deepspeed == ds  # the plan section DVC compares
@@ -138,7 +138,8 @@ def test_two_processes_train_the_single_process_adapter(tmp_path_factory, prefec
     # one set of outputs: one adapter, one metrics file, one MLflow run for the stage, no leftovers
     metrics = json.loads((project / "metrics" / "train_sft.json").read_text())
     assert metrics["steps"] == STEPS
-    assert sorted(p.name for p in (project / "outputs" / "adapters").iterdir()) == [".gitignore", "sft"]  # DVC's
+    # (DVC writes a .gitignore there unless git already ignores outputs/)
+    assert sorted({p.name for p in (project / "outputs" / "adapters").iterdir()} - {".gitignore"}) == ["sft"]
     assert not (project / "outputs" / "checkpoints" / "sft").exists()
     from tunepipe.tracking import store
 

@@ -1,4 +1,5 @@
-"""tunepipe.evaluation.similarity: LLaMA-Factory-identical BLEU/ROUGE (reference §6 golden table), perplexity, reward accuracy."""
+"""tunepipe.evaluation.similarity: LLaMA-Factory-identical BLEU/ROUGE (reference §6 golden table), perplexity,
+reward accuracy."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The pipeline product, end to end on a temp copy of the project: real DVC, real Prefect (test harness), real
 MLflow (a pre-migrated SQLite store), the tiny model with a tiny training budget.
 
-One session-scoped project (conftest.pipeline_project) goes through the scenarios in order (each builds on the last, like a real project's
-history): cold run, nothing-changed rerun, DPO-data change, a failing stage, a gate that cannot pass.
+One session-scoped project (conftest.pipeline_project) goes through the scenarios in order (each builds on the last,
+like a real project's history): cold run, nothing-changed rerun, DPO-data change, a failing stage, a gate that cannot
+pass.
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ def test_dpo_data_change_reruns_only_the_dpo_branch(project):
     status = statuses(result)
     assert {s for s, v in status.items() if v == "ran"} == {"prepare-dpo", "train-dpo", "merge-dpo", "evaluate",
                                                            "register"}
-    assert all(status[s] == "skipped" for s in ("params", "base", "prepare-cpt", "prepare-sft", "train-cpt", "merge-cpt",
-                                                "train-sft", "merge-sft"))
+    assert all(status[s] == "skipped" for s in ("params", "base", "prepare-cpt", "prepare-sft", "train-cpt",
+                                                "merge-cpt", "train-sft", "merge-sft"))
     assert 2 in versions(project)
     # prepare-dpo's run of this execution carries its own figures only, none of the stages that ran after it
     from tunepipe.tracking import store

@@ -232,7 +232,8 @@ def test_list_versions_of_unknown_model_is_empty(project):
 def test_models_list_promote_rollback_cli(project, monkeypatch, capsys):
     register(project, 0.7)
     register(project, 0.6)
-    (project / "params.yaml").write_text("registry:\n  gates:\n    - metric: final.reward_accuracy\n      min: 0.65\n")
+    (project / "params.yaml").write_text(DEMO_PARAMS_YAML + "registry:\n  gates:\n    - metric: final.reward_accuracy\n"
+                                         "      min: 0.65\n")
     capsys.readouterr()
     where = ["--name", NAME, "--project", str(project)]
     code, out, _ = cli(monkeypatch, capsys, "models", "list", "--json", *where)

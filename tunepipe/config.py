@@ -298,7 +298,8 @@ class RegistryParams(Section):
     gates: list[Gate] = Field(default_factory=list, description="All must pass before a model can be champion.")
     no_regression: list[SkillTolerance] = Field(
         default_factory=list, description="Each stage's held-out skill and how much later models may lose of it; "
-                                          "expanded into baseline gates (tunepipe.tracking.promotion.no_regression_gates).")
+                                          "expanded into baseline gates "
+                                          "(tunepipe.tracking.promotion.no_regression_gates).")
     no_regression_vs: list[Literal["previous", "own", "base"]] = Field(
         default_factory=lambda: ["previous", "own", "base"],
         description="What the skills are compared with: previous = every model from the skill's stage on vs the "

@@ -87,7 +87,8 @@ IGNORED = {
 }
 # Keys that change the result and are not supported yet: refused unless the value is LF's default.
 REFUSED = {
-    "double_quantization": True, "tokenized_path": None, "buffer_size": 16384, "interleave_probs": None, "media_dir": None,
+    "double_quantization": True, "tokenized_path": None, "buffer_size": 16384, "interleave_probs": None,
+    "media_dir": None,
     "enable_thinking": True, "fp16": False, "pure_bf16": False, "warmup_steps": 0,
     "rope_scaling": None, "neftune_noise_alpha": None, "loraplus_lr_ratio": None, "pissa_init": False,
     "use_unsloth": False, "use_galore": False, "use_badam": False, "use_apollo": False, "freeze_vision_tower": True,

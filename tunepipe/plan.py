@@ -55,7 +55,8 @@ class PrepareInputs(Section):
     data: dict[str, Any] = Field(description="tunepipe.data.features.DataArgs of the stage.")
     dataset: str = Field(description="Training dataset names.")
     eval_dataset: str | None = Field(description="Held-out dataset names.")
-    replay: ReplayInputs | None = Field(None, description="Replay of earlier-stage data (sft), tunepipe/data/replay.py.")
+    replay: ReplayInputs | None = Field(None, description="Replay of earlier-stage data (sft), "
+                                                          "tunepipe/data/replay.py.")
     trust_remote_code: bool = Field(description="Allow the tokenizer's own code.")
 
 

@@ -459,7 +459,8 @@ class Processor:
         return result
 
     # -- sft -----------------------------------------------------------------------------------------------------
-    def _encode_supervised(self, batch: list[Example]) -> Generator[Any, Any, list[tuple[Example, list[int], list[int]]]]:
+    def _encode_supervised(self, batch: list[Example]
+                           ) -> Generator[Any, Any, list[tuple[Example, list[int], list[int]]]]:
         """LF's SupervisedDatasetProcessor._encode_data_example for every valid row of the batch."""
         valid = self._usable(batch)
         discard_cot = self.opts.mask_history and not self.template.preserve_thinking

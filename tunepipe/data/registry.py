@@ -201,7 +201,8 @@ def _check_shape(attr: DatasetAttr, fail) -> None:
 def get_dataset_attrs(names: list[str], dataset_dir: str | Path) -> list[DatasetAttr]:
     """Resolve dataset names through `<dataset_dir>/dataset_info.json` (LF's `get_dataset_list`)."""
     if str(dataset_dir) == "ONLINE":  # LF: every name is a hub dataset id with all defaults
-        hub = "ms_hub" if _truthy_env("USE_MODELSCOPE_HUB") else "om_hub" if _truthy_env("USE_OPENMIND_HUB") else "hf_hub"
+        hub = ("ms_hub" if _truthy_env("USE_MODELSCOPE_HUB")
+               else "om_hub" if _truthy_env("USE_OPENMIND_HUB") else "hf_hub")
         return [DatasetAttr(name=name, load_from=hub, dataset_name=name) for name in names]
     info, path = read_dataset_info(dataset_dir)
     attrs = []

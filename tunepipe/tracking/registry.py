@@ -197,7 +197,8 @@ def _aliases_of(client, name: str, version: int) -> list[str]:
 
 def _apply(client, name: str, version: int, decision: Decision) -> list[str]:
     client.set_model_version_tag(name, str(version), DECISION_TAG, CHAMPION if decision.promote else CANDIDATE)
-    client.set_model_version_tag(name, str(version), REASONS_TAG, clip_value("; ".join(decision.reasons), MAX_TAG_VALUE))
+    reasons = clip_value("; ".join(decision.reasons), MAX_TAG_VALUE)
+    client.set_model_version_tag(name, str(version), REASONS_TAG, reasons)
     if decision.promote:
         _move_champion(client, name, version)
     else:

@@ -390,8 +390,13 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
 
     fingerprint = run_fingerprint(inputs, paths)
     run.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    run.resume_from = resolve_resume(paths.checkpoints, fingerprint, is_main=state.is_main_process)
+    # The main process decides (and clears stale checkpoints, writes the fingerprint) before the others look, so
+    # that every process makes the same decision from the same files.
+    if state.is_main_process:
+        run.resume_from = resolve_resume(paths.checkpoints, fingerprint, is_main=True)
     state.wait_for_everyone()
+    if not state.is_main_process:
+        run.resume_from = resolve_resume(paths.checkpoints, fingerprint, is_main=False)
     if run.resume_from is None and state.is_main_process:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
 
