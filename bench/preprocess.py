@@ -12,7 +12,7 @@ with a row number) generated under the work dir at each size (never committed), 
 get_dataset (non-streaming: LF's streaming tokenizes during training instead, so there is nothing to time) with
 the same number of workers. Printed per size and side: wall seconds, corpus MB/s, peak memory (anonymous RSS of
 the process and its workers together, sampled every 0.1 s; memory-mapped Arrow pages are page cache, not counted;
-pages a forked worker shares with its parent count once per process, overstating both sides a little). With
+pages a worker shares with the fork server count once per process, overstating both sides a little). With
 `--check` the outputs are compared token for token (a sha256 over every
 block) against LF run with one worker: with several, LF cuts the rows into shards and batches within each (its
 datasets.map(num_proc)), a different block boundary; tunepipe's streaming keeps the batches of one stream.

@@ -147,6 +147,9 @@ def run(main: Callable[[list[str]], Any], name: Callable[[list[str]], str], *, t
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # bitsandbytes (imported by PEFT whenever it is installed) warns on every CPU import that an optional kernel
+    # from the Hugging Face hub is missing; its own fallback is used, and runs are offline anyway
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     argv = [a for a in sys.argv[1:] if a != "--debug"]
     debug = "--debug" in sys.argv[1:] or os.getenv("TUNEPIPE_DEBUG") == "1"
     try:

@@ -199,11 +199,12 @@ def test_failed_stage_marks_the_run_failed(project):
 
 
 def test_sigterm_marks_the_run_killed(project):
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or what the session's Prefect test server installed
     with pytest.raises(SystemExit) as exit_, runs.stage_run(project, "cpt") as run:
         os.kill(os.getpid(), signal.SIGTERM)
     assert exit_.value.code == 143
     assert client_for(project).get_run(run.info.run_id).info.status == "KILLED"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
 
 
 def test_log_params_flat_nests_with_dots_and_truncates(project):

@@ -242,22 +242,34 @@ def shards(n: int, count: int) -> list[tuple[int, int]]:
     return bounds
 
 
-_SHARDING: Any = None  # (processor, examples, shard bounds, locate) of the sharded run in progress (fork workers)
+# Worker processes come from a fork server, never from a fork of the caller: the caller has threads (the tokenize
+# thread, pyarrow's and tokenizers' pools, a test runner's), and a child forked while one of them holds a lock can
+# hang forever. Each worker gets the processor once (pickled: tokenizer, template, options) and its examples per task.
+_WORKER: Any = None  # this worker process's Processor
+_IN_WORKER = object()  # `locate` inside a worker: row errors go back to the caller, which knows the files
 
 
-def _process_shard(index: int) -> tuple[dict[str, list], Health]:
-    """One shard in a forked worker: a fresh copy of the processor's state, the shard's batches, its health."""
-    processor, examples, bounds, locate = _SHARDING
-    processor.health = Health()
-    start, end = bounds[index]
-    return processor.process(examples[start:end], locate), processor.health
+def _start_worker(processor: Processor) -> None:
+    global _WORKER
+    _WORKER = processor
+
+
+def _process_shard(examples: list[Example]) -> tuple[dict[str, list], Health]:
+    """One shard in a worker: a fresh copy of the processor's state, the shard's batches, its health."""
+    _WORKER.health = Health()
+    return _WORKER.process(examples, _IN_WORKER), _WORKER.health
 
 
 def _process_batch(batch: list[Example]) -> tuple[dict[str, list], Health]:
-    processor, _, _, locate = _SHARDING
-    processor.health = Health()
-    out = _columns_of(processor.stream([batch], locate))
-    return out, processor.health
+    _WORKER.health = Health()
+    out = _columns_of(_WORKER.stream([batch], _IN_WORKER))
+    return out, _WORKER.health
+
+
+def _worker_pool(processor: Processor, workers: int):
+    import multiprocessing
+
+    return multiprocessing.get_context("forkserver").Pool(workers, initializer=_start_worker, initargs=(processor,))
 
 
 def _columns_of(outs: Iterable[dict[str, list]]) -> dict[str, list]:
@@ -333,41 +345,36 @@ class Processor:
                 while in_flight:
                     yield self._count(self._finish_batch(in_flight.popleft()), key)
             except _LocatedRowError as err:
-                file, row = locate(err.example) if locate else (None, err.example.position)
-                raise err.error.located(dataset=err.example.dataset or None, file=file, row=row) from None
+                if locate is _IN_WORKER:
+                    raise
+                raise err.located(locate) from None
 
     def _count(self, out: dict[str, list], key: str) -> dict[str, list]:
         self.health.examples_out += len(out.get(key, []))
         return out
 
     def _parallel(self, batches: Iterable[list[Example]], locate, workers: int) -> Iterator[dict[str, list]]:
-        import multiprocessing
         import threading
 
-        global _SHARDING
-        _SHARDING = (self, None, None, locate)
         slots = threading.Semaphore(4 * workers)  # batches read ahead of the results: memory stays flat
-        try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with _worker_pool(self, workers) as pool:
+            try:
                 for columns, health in pool.imap(_process_batch, _bounded(batches, slots)):  # imap keeps the order
                     slots.release()
                     self.health.merge(health)
                     yield columns
-        finally:
-            _SHARDING = None
+            except _LocatedRowError as err:
+                raise err.located(locate) from None
 
     def _sharded(self, examples: list[Example], locate, workers: int) -> Iterator[dict[str, list]]:
-        import multiprocessing
-
-        global _SHARDING
-        _SHARDING = (self, examples, shards(len(examples), workers), locate)  # inherited by the forked workers
-        try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for columns, health in pool.imap(_process_shard, range(workers)):
+        with _worker_pool(self, workers) as pool:
+            try:
+                shards_of = (examples[start:end] for start, end in shards(len(examples), workers))
+                for columns, health in pool.imap(_process_shard, shards_of):
                     self.health.merge(health)
                     yield columns
-        finally:
-            _SHARDING = None
+            except _LocatedRowError as err:
+                raise err.located(locate) from None
 
     def _start_batch(self, batch: list[Example], pool: ThreadPoolExecutor) -> tuple[Generator | dict, _Pending | None]:
         work = getattr(self, f"_batch_{self.stage}")(batch)
@@ -684,4 +691,10 @@ def _kl_response(responses: list[list[dict]], i: int) -> list[dict]:
 
 class _LocatedRowError(Exception):
     def __init__(self, error: RowError, example: Example):
+        super().__init__(error, example)  # the args pickle it back from a worker process
         self.error, self.example = error, example
+
+    def located(self, locate) -> Exception:
+        """The user's error: dataset, file and row (`locate(example)`; without it, the row in the dataset)."""
+        file, row = locate(self.example) if locate else (None, self.example.position)
+        return self.error.located(dataset=self.example.dataset or None, file=file, row=row)
