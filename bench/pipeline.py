@@ -10,9 +10,8 @@ Two fresh copies of the project (git + dvc init, nothing built, empty caches):
 
 then `tunepipe run` again with nothing changed (the no-op rerun). Prints both wall times and their ratio
 (target: tunepipe run <= 1.10x dvc repro), the seconds inside the trainers (outputs/logs/train_*.measured.json),
-each stage's
-start-up (process start -> its first useful work, from the stages' own "start-up" log lines) under both, and the
-no-op rerun (target < 30 s). Prefect's one-time database creation (once per machine) is timed apart.
+each stage's start-up (process start -> its first useful work, from the stages' own "start-up" log lines) under
+both, and the no-op rerun (target < 30 s). Prefect's one-time database creation (once per machine) is timed apart.
 """
 
 from __future__ import annotations
