@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", "dvc.yaml", ".dvcignore", "prefect.yaml")
+COPY = ("data", "stages", "flows", "tunepipe", "params.yaml", "dvc.yaml", "pyproject.toml", ".dvcignore", "prefect.yaml")
 STARTUP = re.compile(r"\[([\w-]+)\] start-up ([\d.]+) s")
 BIN = Path(sys.executable).parent
 

@@ -104,7 +104,7 @@ def test_deepspeed_config_reaches_the_trainer_or_is_refused_before_any_work(tmp_
 # ---------------------------------------------------------------------------------------------------------------
 STEPS, GLOBAL_BATCH = 3, 4
 SFT_ONLY = {"stages": {"cpt": {"enabled": False}, "dpo": {"enabled": False},
-                       "sft": {"launcher": "torchrun", "nproc_per_node": 2, "max_steps": STEPS,
+                       "sft": {"launcher": "torchrun", "nproc_per_node": 2, "max_steps": STEPS, "packing": True,
                                "per_device_train_batch_size": GLOBAL_BATCH // 2}}}
 # accelerate's MULTI_GPU type with use_cpu starts one process per num_processes through torch.distributed (gloo);
 # its MULTI_CPU type starts a single process unless launched through MPI.
