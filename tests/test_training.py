@@ -352,6 +352,27 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny, data, tmp_path):
     assert not checkpoints.exists()  # a finished stage removes its checkpoints
 
 
+def test_a_planted_incomplete_checkpoint_is_skipped_and_removed(tmp_path):
+    """A checkpoint killed mid-save (no completion marker) never blocks a resume: the last complete one is used."""
+    import hashlib
+
+    from tunepipe.train.resume import FINGERPRINT_FILE, resolve_resume
+    from tunepipe.train.stopping import COMPLETE_MARKER
+
+    fingerprint = {"inputs": {"train": {"learning_rate": 1e-3}}}
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    checkpoints = tmp_path / "checkpoints"
+    for step, complete in ((3, True), (6, False)):
+        folder = checkpoints / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 8}))
+        if complete:
+            (folder / COMPLETE_MARKER).write_text(f"{step}\n")
+    (checkpoints / FINGERPRINT_FILE).write_text(json.dumps({"digest": digest, "fingerprint": fingerprint}))
+    assert resolve_resume(checkpoints, fingerprint, is_main=True) == str(checkpoints / "checkpoint-3")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3", FINGERPRINT_FILE]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------
