@@ -21,16 +21,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_serializer, model_validator
 
 from tunepipe.errors import ConfigError
+from tunepipe.train import objectives as _objectives
 
-# The one vocabulary of stage kinds. Pipeline stages, in order (dpo and kto are alternatives):
-STAGES = ("cpt", "sft", "dpo", "kto")
-PREFERENCE_STAGES = ("dpo", "kto")
+# The one vocabulary of stage kinds, read from the objective table (tunepipe/train/objectives.py, plain data).
+# Pipeline stages, in order (dpo and kto are alternatives):
+STAGES = _objectives.STAGES
+PREFERENCE_STAGES = _objectives.PREFERENCE_STAGES
 # LLaMA-Factory's `stage:` name of each: the data layer (which mirrors LF) and LF's YAMLs speak this one.
 LF_STAGE = {"cpt": "pt", "sft": "sft", "dpo": "dpo", "kto": "kto"}
-PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
+PREF_LOSSES = _objectives.PREF_LOSSES
 TINY = "tiny"  # model_name_or_path of the embedded base model (tunepipe.models.tiny builds it)
-DPO_FAMILY = ("sigmoid", "ipo", "hinge")  # losses against a reference model (the stage's input model)
-Objective = Literal["clm", "sft", "dpo", "orpo", "simpo", "kto"]
+DPO_FAMILY = _objectives.REFERENCE_LOSSES  # losses against a reference model (the stage's input model)
+Objective = Literal[tuple(_objectives.OBJECTIVES)]  # clm | sft | dpo | orpo | simpo | kto
 REQUIRED_SECTIONS = ("model", "stages")  # what every params.yaml must say: which model, which stages on which data
 # The registered model's name when params.yaml gives none: the project's name. `tunepipe import` writes one; without
 # it, [project] name of the pyproject.toml beside params.yaml (the same in every clone, unlike the directory's name,
@@ -48,13 +50,10 @@ def higher_is_better(metric: str) -> bool:
 
 def objective(stage: str, pref_loss: str = "sigmoid") -> Objective:
     """What a stage trains: clm (cpt: next-token loss on raw text), sft, dpo (sigmoid/ipo/hinge), orpo, simpo, kto."""
-    if stage == "cpt":
-        return "clm"
-    if stage == "dpo":
-        return "dpo" if pref_loss in DPO_FAMILY else pref_loss  # type: ignore[return-value]
-    if stage in ("sft", "kto"):
-        return stage  # type: ignore[return-value]
-    raise ConfigError(f"unknown stage {stage!r} (expected {', '.join(STAGES)})")
+    row = _objectives.select(stage, pref_loss)
+    if row is None:
+        raise ConfigError(f"unknown stage {stage!r} (expected {', '.join(STAGES)})")
+    return row.name  # type: ignore[return-value]
 
 
 class Section(BaseModel):
@@ -175,7 +174,7 @@ class TrainParams(Section):
 class PreferenceParams(Section):
     """The preference-optimisation keys of a dpo or kto stage."""
 
-    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = Field(
+    pref_loss: Literal[PREF_LOSSES] = Field(  # type: ignore[valid-type]
         "sigmoid", description="dpo stage loss: sigmoid/ipo/hinge (DPO family, reference = previous stage), orpo or "
                                "simpo (reference-free).")
     pref_beta: float = Field(0.1, gt=0, description="Preference beta (DPO/IPO/hinge/ORPO lambda/SimPO beta).")
@@ -271,7 +270,7 @@ class Gate(Section):
 
 
 class SkillTolerance(Section):
-    stage: Literal["cpt", "sft", "dpo", "kto"] = Field(..., description="The stage whose held-out skill this is.")
+    stage: Literal[STAGES] = Field(..., description="The stage whose held-out skill this is.")
     metric: str = Field(..., description="Key in each model's section of metrics/evaluate.json (e.g. perplexity, "
                                          "sft_loss, fact_accuracy_sft, pref_accuracy).")
     max_drop: float | None = Field(None, ge=0, description="Higher-is-better skill: largest allowed drop.")

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunepipe.config import (STAGES, LoraParams, PreferenceParams, TrainParams, parse_params, project_name,
-                             read_yaml)
+from tunepipe.config import (LF_STAGE, PREFERENCE_STAGES, STAGES, LoraParams, PreferenceParams, TrainParams,
+                             parse_params, project_name, read_yaml)
 from tunepipe.errors import ConfigError
 
-LF_STAGES = {"pt": "cpt", "sft": "sft", "dpo": "dpo", "kto": "kto"}
+LF_STAGES = {lf: stage for stage, lf in LF_STAGE.items()}
 OTHER_LF_STAGES = {"rm": "reward modelling", "ppo": "PPO"}
 
 # One value for the whole chain (tunepipe trains one base model through the stages on one data folder).
@@ -250,7 +250,7 @@ def import_llamafactory(files: list[str | Path], *, project: str | Path = ".", o
         if stage in imported.sources:
             raise _fail(f"a second {lf_stage} YAML (the first: {imported.sources[stage]}); one YAML per stage", path,
                         "stage")
-        if stage in ("dpo", "kto") and ({"dpo", "kto"} - {stage}) & set(imported.sources):
+        if stage in PREFERENCE_STAGES and (set(PREFERENCE_STAGES) - {stage}) & set(imported.sources):
             raise _fail("dpo and kto are alternatives: import one preference YAML", path, "stage")
         values = _translate(data, path, stage, imported)
         for section in ("model", "data"):
@@ -337,7 +337,7 @@ def _hoist_template(per_stage: dict[str, dict[str, Any]], model: dict[str, Any])
 def _starter_gate(stages: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """One gate on the final stage's headline metric: better than chance / than its input model (edit it)."""
     last = list(stages)[-1]
-    if last in ("dpo", "kto"):
+    if last in PREFERENCE_STAGES:
         return {"metric": "final.reward_accuracy", "min": 0.5}
     return {"metric": "checks.sft_loss_reduction" if last == "sft" else "checks.cpt_ppl_reduction", "min": 0.0}
 

@@ -9,6 +9,8 @@ real evaluate run's keys, and tests/test_evaluation.py with the demo's).
 
 from __future__ import annotations
 
+from tunepipe.config import PREFERENCE_STAGES
+
 # Scored for every model (base and each stage): metric -> the stage whose held-out data it is computed on.
 MODEL_METRICS = {
     "perplexity": "cpt", "cpt_loss": "cpt",
@@ -48,7 +50,7 @@ def metric_sources(stages: list[str], fact_kinds: tuple[str, ...] | list[str] = 
     if fact_kinds:
         per_model.update({key: KNOWLEDGE for key in (*(f"fact_accuracy_{kind}" for kind in fact_kinds),
                                                      *FACT_METRICS)})
-    preference = next((s for s in stages if s in ("dpo", "kto")), None)
+    preference = next((s for s in stages if s in PREFERENCE_STAGES), None)
     keys: dict[str, str] = {}
     for section in ("base", *stages):
         keys.update({f"{section}.{key}": stage for key, stage in per_model.items()})

@@ -25,11 +25,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tunepipe.config import (LF_STAGE, EvaluateParams, LoraParams, Objective, Params, PreferenceParams,
-                             RegistryParams, Section, TrainParams, objective)
+from tunepipe.config import (LF_STAGE, PREFERENCE_STAGES, STAGES, EvaluateParams, LoraParams, Objective, Params,
+                             PreferenceParams, RegistryParams, Section, TrainParams, objective)
 from tunepipe.data.features import EXAMPLE_FIELDS, TEMPLATE_FIELDS
 
-StageName = Literal["cpt", "sft", "dpo", "kto"]
+StageName = Literal[STAGES]  # type: ignore[valid-type]
 
 
 def dvc_stage(step: str, stage: str | None = None) -> str:
@@ -140,7 +140,7 @@ def prepare_inputs(params: Params, stage: str) -> PrepareInputs:
 
 
 def train_inputs(params: Params, stage: str) -> TrainInputs:
-    pref = params.stage_preference(stage) if stage in ("dpo", "kto") else None
+    pref = params.stage_preference(stage) if stage in PREFERENCE_STAGES else None
     data = asdict(params.data_args(stage))
     data["train_on_prompt"] = data["train_on_prompt"] and stage == "sft"  # LF applies it to sft only
     lora = params.stage_lora(stage)
@@ -168,7 +168,7 @@ def merge_inputs(params: Params, stage: str) -> MergeInputs:
 
 def evaluate_inputs(params: Params) -> EvaluateInputs:
     enabled = params.enabled_stages()
-    pref = next((s for s in enabled if s in ("dpo", "kto")), None)
+    pref = next((s for s in enabled if s in PREFERENCE_STAGES), None)
     return EvaluateInputs(
         stages={s: params.previous_stage(s) or "base" for s in enabled},
         sft=prepare_inputs(params, "sft") if "sft" in enabled else None,

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunepipe.config import PREFERENCE_STAGES
 from tunepipe.evaluation import similarity as M
 from tunepipe.data.processors import IGNORE_INDEX
 
@@ -244,7 +245,7 @@ def learning_checks(sections: dict[str, dict[str, float]], inputs: dict[str, str
 
     reduction("cpt", "perplexity", "cpt_ppl_reduction")
     reduction("sft", "sft_loss", "sft_loss_reduction")
-    for stage in ("dpo", "kto"):
+    for stage in PREFERENCE_STAGES:
         before = sections.get(inputs.get(stage, ""), {}).get("pref_accuracy")
         after = sections.get(stage, {}).get("pref_accuracy")
         if before is not None and after is not None:

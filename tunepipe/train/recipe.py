@@ -6,7 +6,8 @@ model, trained with transformers / TRL on the pre-tokenized features of the prep
     save(run, metrics)                      adapter (atomic, safetensors), metrics JSON, loss curve CSV + PNG
 
 `inputs` is the stage's section of the plan (tunepipe.plan.TrainInputs: its effective train, LoRA, preference and
-template values). Which trainer, by objective (the `stages.<name>` keys of params.yaml are LLaMA-Factory's):
+template values). Which trainer, by objective (one row each in tunepipe/train/objectives.py; the `stages.<name>` keys
+of params.yaml are LLaMA-Factory's):
 
     cpt (clm)         transformers Trainer, packed blocks from prepare (labels as written there)
     sft               transformers Trainer, our labels (-100 over prompts); `packing` (default on): rows of several
@@ -26,6 +27,7 @@ launcher keys, stages/dag.py): every rank builds the same trainer, only the main
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -39,17 +41,10 @@ from typing import Any
 from tunepipe.config import LoraParams, TrainParams
 from tunepipe.errors import ConfigError
 from tunepipe.plan import TrainInputs
+from tunepipe.train.objectives import OBJECTIVES, Objective, stage_columns
 
 log = logging.getLogger("tunepipe.train")
 
-# LF's name for the pretraining stage is pt; the prepare stage writes the same columns for both.
-COLUMNS = {
-    "cpt": ("input_ids", "attention_mask", "labels"),
-    "sft": ("input_ids", "attention_mask", "labels"),
-    "dpo": ("chosen_input_ids", "chosen_attention_mask", "chosen_labels",
-            "rejected_input_ids", "rejected_attention_mask", "rejected_labels"),
-    "kto": ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask", "kl_labels", "kto_tags"),
-}
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 METADATA_FILE = "tunepipe_train.json"
 
@@ -104,6 +99,10 @@ class Run:
     @property
     def kind(self) -> str:  # the objective: clm | sft | dpo | orpo | simpo | kto
         return self.inputs.objective
+
+    @property
+    def objective(self) -> Objective:  # its row of the objective table
+        return OBJECTIVES[self.inputs.objective]
 
     @property
     def train(self) -> TrainParams:
@@ -228,7 +227,7 @@ def load_datasets(data_dir: Path, stage: str):
     for name, ds in (("train", train), ("eval", evals)):
         if ds is None:
             continue
-        missing = [c for c in COLUMNS[stage] if c not in ds.column_names]
+        missing = [c for c in stage_columns(stage) if c not in ds.column_names]
         if missing:
             raise ConfigError(f"{data_dir / name}: columns {missing} missing for stage {stage} (has "
                               f"{ds.column_names}); re-run `python -m stages.prepare {stage}`")
@@ -241,8 +240,9 @@ def load_datasets(data_dir: Path, stage: str):
 # Trainer construction
 # ---------------------------------------------------------------------------------------------------------------
 def training_arguments(run: Run, has_eval: bool, device: dict[str, Any]) -> Any:
-    """The TrainingArguments (or TRL config) of the stage, every field explicit (TRL's defaults differ)."""
-    t, sp = run.train, run.inputs.preference
+    """The TrainingArguments (or TRL config) of the stage, every field explicit (TRL's defaults differ); the
+    objective's row adds its own fields."""
+    t = run.train
     common: dict[str, Any] = dict(
         output_dir=str(run.paths.checkpoints),
         learning_rate=t.learning_rate,
@@ -273,56 +273,24 @@ def training_arguments(run: Run, has_eval: bool, device: dict[str, Any]) -> Any:
         torch_compile=t.torch_compile,
         **device,
     )
-    cutoff = run.inputs.cutoff_len
-    if run.kind in ("clm", "sft"):
-        from transformers import TrainingArguments
-
-        return TrainingArguments(**common)
-    if run.kind == "dpo":
-        from trl import DPOConfig
-
-        losses, weights = [sp.pref_loss], [1.0]
-        if sp.pref_ftx > 0:
-            losses, weights = [sp.pref_loss, "sft"], [1.0, sp.pref_ftx]
-        return DPOConfig(**common, beta=sp.pref_beta, loss_type=losses, loss_weights=weights, max_length=None,
-                         precompute_ref_log_probs=False)
-    if run.kind == "kto":
-        from trl import KTOConfig
-
-        return KTOConfig(**common, beta=sp.pref_beta, desirable_weight=sp.kto_chosen_weight,
-                         undesirable_weight=sp.kto_rejected_weight, loss_type="kto", max_length=None)
-    if run.kind == "orpo":
-        from trl.experimental.orpo import ORPOConfig
-
-        return ORPOConfig(**common, beta=sp.pref_beta, max_length=cutoff)
-    if run.kind == "simpo":
-        from trl.experimental.cpo import CPOConfig
-
-        return CPOConfig(**common, loss_type="simpo", beta=sp.pref_beta, cpo_alpha=sp.pref_ftx,
-                         simpo_gamma=sp.simpo_gamma, max_length=cutoff)
-    raise AssertionError(run.kind)
+    module, _, name = run.objective.config.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**common, **run.objective.fields(run.inputs))
 
 
 def make_collator(run: Run, tokenizer, model, train_columns: list[str]):
     from tunepipe.train import collators as tc
 
     pad = tokenizer.pad_token_id
-    if run.kind == "sft" and "position_ids" in train_columns:
+    if run.objective.packs and "position_ids" in train_columns:
         run.notes.append("sft data packed by prepare (neat_packing): examples isolated by their position ids")
         return tc.PrepackedCollator(pad_token_id=pad)
-    if run.kind == "sft" and packs(run, model):
+    if packs(run, model):
         varlen = attention_of(model).startswith("flash_attention")
         # sdpa/eager build a dense (rows x L x L) block-diagonal mask; FlashAttention reads the boundaries
         run.notes.append(f"sft packing: rows of <= {run.inputs.cutoff_len} tokens by best-fit decreasing, position "
                          f"ids restart per example ({attention_of(model)}{', one varlen row' if varlen else ''})")
         return tc.PackedRowsCollator(pad_token_id=pad, varlen=varlen, max_row_tokens=run.inputs.cutoff_len)
-    if run.kind in ("clm", "sft"):
-        return tc.PaddedCollator(pad_token_id=pad)
-    if run.kind == "dpo":
-        return tc.PreferenceCollator(pad_token_id=pad)
-    if run.kind == "kto":
-        return tc.KTOCollator(pad_token_id=pad)
-    return tc.PairedCollator(pad_token_id=pad)
+    return getattr(tc, run.objective.collator)(pad_token_id=pad)
 
 
 def attention_of(model) -> str:
@@ -331,7 +299,7 @@ def attention_of(model) -> str:
 
 def packs(run: Run, model) -> bool:
     """sft packs at train time unless `packing: false`, or the attention kernel cannot isolate packed examples."""
-    if run.kind != "sft" or run.train.packing is False:
+    if not run.objective.packs or run.train.packing is False:
         return False
     if attention_of(model) in PACKING_ATTENTION:
         return True
@@ -340,36 +308,39 @@ def packs(run: Run, model) -> bool:
 
 
 def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) -> Run:
-    """Model + fresh adapter, data, trainer and the resume decision for one stage."""
-    import torch
+    """One stage, ready to train: load the model (+ a fresh adapter's config), build the trainer from the
+    objective's row (tunepipe.train.objectives), decide whether to resume."""
     from accelerate import PartialState
-    from transformers import PrinterCallback, set_seed
 
-    from tunepipe.train import trainers as tt
-    from tunepipe.train.callbacks import LossCurveCallback, ProgressCallback
-    from tunepipe.train.collators import PackedRowsCollator, TokenCounter
-    from tunepipe.train.lora import describe, lora_config
-    from tunepipe.train.packing import pack_dataset
-    from tunepipe.train.resume import run_fingerprint, resolve_resume
-    from tunepipe.train.stopping import CompleteCheckpoint, StopOnRequest, StopRequest
-
-    stage = inputs.stage
     run = Run(inputs=inputs, paths=paths)
-    if run.kind == "kto" and run.train.per_device_train_batch_size < 2:
-        raise ConfigError("KTO estimates its KL term across the examples of a batch: use a batch size of 2 or more",
-                          key=f"stages.{stage}.per_device_train_batch_size")
+    if run.objective.check is not None:
+        run.objective.check(inputs)
     backends = check_backends(inputs)  # before any work: what this machine cannot run is refused here
     state = PartialState()
     device = device_settings(run.train)
     if cpu_threads():
         run.notes.append("CPU: 1 thread per process (set OMP_NUM_THREADS to change)")
-
-    train_ds, eval_ds = load_datasets(paths.data, stage)
+    train_ds, eval_ds = load_datasets(paths.data, inputs.stage)
     tokenizer = load_training_tokenizer(paths.tokenizer, inputs)
+    model, peft_config = prepare_model(run, tokenizer, backends, device)
+    build_trainer(run, model, peft_config, tokenizer, (train_ds, eval_ds), device, callbacks)
+    decide_resume(run, state)
+    if state.is_main_process:
+        _log_setup(run, state, peft_config, device)
+    return run
+
+
+def prepare_model(run: Run, tokenizer, backends: Backends, device: dict[str, Any]):
+    """The stage's input model (quantized for QLoRA, resized for a grown vocabulary) and its LoRA config (None for
+    full fine-tuning)."""
+    import torch
+
+    from tunepipe.train.lora import lora_config
+
     full = run.lora.finetuning_type == "full"
     dtype = torch.bfloat16 if device["bf16"] and not full else torch.float32
-    model, grown = load_model(paths.input_model, tokenizer, dtype=dtype,
-                              trust_remote_code=inputs.trust_remote_code,
+    model, grown = load_model(run.paths.input_model, tokenizer, dtype=dtype,
+                              trust_remote_code=run.inputs.trust_remote_code,
                               attn_implementation=backends.attn_implementation,
                               quantization=backends.quantization, liger=backends.liger)
     run.resized_vocab = bool(grown)
@@ -382,81 +353,97 @@ def setup(inputs: TrainInputs, paths: StagePaths, callbacks: list | tuple = ()) 
         run.notes.append(f"QLoRA: input model loaded {run.quantization}; the merge uses its unquantized weights")
     if backends.liger:
         run.notes.append("Liger kernels applied")
-    peft_config = None
-    if not full:
-        peft_config = lora_config(run.lora, grown, tied=bool(model.config.get_text_config().tie_word_embeddings))
-    elif grown:
-        run.notes.append("vocabulary resized (full fine-tuning trains the new rows)")
+    if full:
+        if grown:
+            run.notes.append("vocabulary resized (full fine-tuning trains the new rows)")
+        return model, None
+    return model, lora_config(run.lora, grown, tied=bool(model.config.get_text_config().tie_word_embeddings))
 
-    fingerprint = run_fingerprint(inputs, paths)
-    run.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    # The main process decides (and clears stale checkpoints, writes the fingerprint) before the others look, so
-    # that every process makes the same decision from the same files.
-    if state.is_main_process:
-        run.resume_from = resolve_resume(paths.checkpoints, fingerprint, is_main=True)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        run.resume_from = resolve_resume(paths.checkpoints, fingerprint, is_main=False)
-    if run.resume_from is None and state.is_main_process:
-        paths.checkpoints.mkdir(parents=True, exist_ok=True)
 
+def build_trainer(run: Run, model, peft_config, tokenizer, datasets: tuple, device: dict[str, Any],
+                  callbacks: list | tuple = ()) -> None:
+    """run.trainer: the row's trainer class with its config, collator and reference rule (sft may train on rows
+    of packed examples)."""
+    from transformers import PrinterCallback, set_seed
+
+    from tunepipe.train import trainers as tt
+    from tunepipe.train.callbacks import LossCurveCallback, ProgressCallback
+    from tunepipe.train.collators import PackedRowsCollator, TokenCounter
+    from tunepipe.train.packing import pack_dataset
+    from tunepipe.train.stopping import CompleteCheckpoint, StopOnRequest, StopRequest
+
+    row, (train_ds, eval_ds) = run.objective, datasets
     args = training_arguments(run, eval_ds is not None, device)
     run.counter = TokenCounter()
     collator = make_collator(run, tokenizer, model, train_ds.column_names)
     if isinstance(collator, PackedRowsCollator):
-        train_ds = pack_dataset(train_ds, inputs.cutoff_len)  # the trainer samples rows; eval stays per example
+        train_ds = pack_dataset(train_ds, run.inputs.cutoff_len)  # the trainer samples rows; eval stays per example
         run.notes.append(f"{len(train_ds.examples)} examples in {len(train_ds)} rows, "
                          f"{100 * train_ds.fill():.1f}% full")
-    run.progress = ProgressCallback(stage, run.counter)
-    run.curve = LossCurveCallback()
-    run.stop = StopRequest()
-    all_callbacks = [run.progress, run.curve, CompleteCheckpoint(), StopOnRequest(run.stop), *callbacks]
-
-    if run.kind in ("clm", "sft"):
+    run.progress, run.curve, run.stop = ProgressCallback(run.stage, run.counter), LossCurveCallback(), StopRequest()
+    cls = tt.trainer_class(row.trainer)
+    kwargs: dict[str, Any] = {"args": args, "data_collator": collator, "train_dataset": train_ds,
+                              "eval_dataset": eval_ds, "processing_class": tokenizer,
+                              "callbacks": [run.progress, run.curve, CompleteCheckpoint(), StopOnRequest(run.stop),
+                                            *callbacks]}
+    if not cls.takes_peft_config:  # transformers' Trainer: we wrap the model; TRL's trainers take the config
         if peft_config is not None:
             from peft import get_peft_model
 
             set_seed(run.train.seed)  # the adapter's random init (lora_A) is part of the run
             model = get_peft_model(model, peft_config)
-        run.trainer = tt.trainer_class("trainer")(model=model, args=args, data_collator=collator,
-                                                  train_dataset=train_ds, eval_dataset=eval_ds,
-                                                  processing_class=tokenizer, callbacks=all_callbacks)
     else:
-        cls = tt.trainer_class({"simpo": "cpo"}.get(run.kind, run.kind))
-        kwargs: dict[str, Any] = {"model": model, "args": args, "data_collator": collator,
-                                  "train_dataset": train_ds, "eval_dataset": eval_ds, "processing_class": tokenizer,
-                                  "callbacks": all_callbacks, "peft_config": peft_config}
-        if run.kind in ("dpo", "kto"):
-            # ref_model=None: with a LoRA adapter TRL scores the reference with the adapter disabled, i.e. the model
-            # this stage started from = the previous stage's merged model. Full fine-tuning: TRL loads that same
-            # model again from paths.input_model.
-            kwargs["ref_model"] = None
-            run.notes.append(f"reference model = {paths.input_model} (the model this stage starts from: "
-                             f"{'adapter disabled' if peft_config is not None else 'frozen copy'})")
-        if run.kind == "kto" and inputs.preference.pref_ftx > 0:
-            log.warning("pref_ftx=%s is ignored for kto (TRL's KTOTrainer has no SFT term)", inputs.preference.pref_ftx)
-        run.trainer = cls(**kwargs)
-
+        kwargs["peft_config"] = peft_config
+    if row.reference:
+        # ref_model=None: with a LoRA adapter TRL scores the reference with the adapter disabled, i.e. the model
+        # this stage started from = the previous stage's merged model. Full fine-tuning: TRL loads that same
+        # model again from paths.input_model.
+        kwargs["ref_model"] = None
+        run.notes.append(f"reference model = {run.paths.input_model} (the model this stage starts from: "
+                         f"{'adapter disabled' if peft_config is not None else 'frozen copy'})")
+    run.trainer = cls(model=model, **kwargs)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not run.trainer.is_fsdp_enabled:
         run.notes.append("the accelerate config asks for FSDP, but FSDP is not used on CPU (accelerate shards on "
                          "accelerators only): the processes train data parallel")
     run.trainer.token_counter = run.counter
     run.trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback prints one line
-    model = run.trainer.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+
+
+def decide_resume(run: Run, state) -> None:
+    """run.resume_from: the last complete checkpoint of an identical run, else None (stale checkpoints removed).
+
+    The main process decides (and clears stale checkpoints, writes the fingerprint) before the others look, so
+    that every process makes the same decision from the same files."""
+    from tunepipe.train.resume import run_fingerprint, resolve_resume
+
+    fingerprint = run_fingerprint(run.inputs, run.paths)
+    run.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     if state.is_main_process:
-        log.info("[%s] %s trainer on %s | %s | %s/%s trainable params (%.2f%%) | train %d%s examples | %s | "
-                 "bf16=%s grad_ckpt=%s | %s", stage, run.kind, paths.input_model,
-                 "full fine-tuning" if full else describe(peft_config), f"{trainable:,}", f"{total:,}",
-                 100 * trainable / max(total, 1), len(train_ds), f" / eval {len(eval_ds)}" if eval_ds else "",
-                 "resuming from " + run.resume_from if run.resume_from else "fresh start", device["bf16"],
-                 device["activation_checkpointing"], f"{state.num_processes} process(es)" + "".join(
-                     f" ({name})" for name, on in (("FSDP", run.trainer.is_fsdp_enabled),
-                                                   ("DeepSpeed", run.trainer.is_deepspeed_enabled)) if on))
-        for note in run.notes:
-            log.info("[%s] %s", stage, note)
-    return run
+        run.resume_from = resolve_resume(run.paths.checkpoints, fingerprint, is_main=True)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        run.resume_from = resolve_resume(run.paths.checkpoints, fingerprint, is_main=False)
+    if run.resume_from is None and state.is_main_process:
+        run.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+
+
+def _log_setup(run: Run, state, peft_config, device: dict[str, Any]) -> None:
+    from tunepipe.train.lora import describe
+
+    trainer = run.trainer
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    eval_ds = trainer.eval_dataset
+    log.info("[%s] %s trainer on %s | %s | %s/%s trainable params (%.2f%%) | train %d%s examples | %s | "
+             "bf16=%s grad_ckpt=%s | %s", run.stage, run.kind, run.paths.input_model,
+             "full fine-tuning" if peft_config is None else describe(peft_config), f"{trainable:,}", f"{total:,}",
+             100 * trainable / max(total, 1), len(trainer.train_dataset), f" / eval {len(eval_ds)}" if eval_ds else "",
+             "resuming from " + run.resume_from if run.resume_from else "fresh start", device["bf16"],
+             device["activation_checkpointing"], f"{state.num_processes} process(es)" + "".join(
+                 f" ({name})" for name, on in (("FSDP", trainer.is_fsdp_enabled),
+                                               ("DeepSpeed", trainer.is_deepspeed_enabled)) if on))
+    for note in run.notes:
+        log.info("[%s] %s", run.stage, note)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,12 +496,10 @@ def train(run: Run) -> dict[str, Any]:
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         **peak_memory_mb(),
     }
-    if run.kind == "clm" and metrics["eval_loss"] is not None:
+    if run.objective.perplexity and metrics["eval_loss"] is not None:
         metrics["eval_perplexity"] = round(math.exp(metrics["eval_loss"]), 4)
-    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl"):
+    for key, name in run.objective.metrics.items():
         if f"eval_{key}" in eval_metrics:
-            name = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}.get(
-                key, key.replace("/", "_"))
             metrics[f"eval_{name}"] = eval_metrics[f"eval_{key}"]
     return metrics
 

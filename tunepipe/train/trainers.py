@@ -12,26 +12,16 @@ from __future__ import annotations
 import logging
 
 from tunepipe.train.collators import COUNTS_KEY, TokenCounter
+from tunepipe.train.objectives import OBJECTIVES
 
 log = logging.getLogger(__name__)
-
-
-PAIRWISE_COLUMNS = ("chosen_input_ids", "chosen_attention_mask", "chosen_labels",
-                    "rejected_input_ids", "rejected_attention_mask", "rejected_labels")
-KTO_COLUMNS = ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask", "kl_labels", "kto_tags")
-
-
-def _check_columns(dataset, columns: tuple[str, ...], trainer: str) -> None:
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{trainer}: the prepared dataset lacks {missing} (run `python -m stages.prepare` for this "
-                         f"stage); it has {dataset.column_names}")
 
 
 class CountTokensMixin:
     """Takes the collator's token counts out of the batch before the model sees it; counts training batches only."""
 
     token_counter: TokenCounter | None = None
+    takes_peft_config = True  # TRL's trainers wrap the model in the adapter themselves; transformers' Trainer does not
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         counts = inputs.pop(COUNTS_KEY, None)
@@ -50,6 +40,8 @@ def _make_trainers():
     class TokenCountingTrainer(CountTokensMixin, Trainer):
         """transformers Trainer (cpt, sft) + token accounting; packed sft rows get the length-grouped sampler."""
 
+        takes_peft_config = False
+
         def _get_train_sampler(self, train_dataset=None):
             from tunepipe.train.packing import PackedRows, PackedRowsSampler
 
@@ -66,12 +58,11 @@ def _make_trainers():
         """DPOTrainer on LF pairwise features (see PreferenceCollator); everything else is TRL's."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            _check_columns(dataset, PAIRWISE_COLUMNS, type(self).__name__)
-            return dataset
+            return dataset  # its columns were checked before the model loaded (recipe.load_datasets)
 
         def _set_signature_columns_if_needed(self):
             if self._signature_columns is None:
-                self._signature_columns = [*PAIRWISE_COLUMNS, "ref_chosen_logps", "ref_rejected_logps"]
+                self._signature_columns = [*OBJECTIVES["dpo"].columns, "ref_chosen_logps", "ref_rejected_logps"]
 
     class PretokenizedKTOTrainer(CountTokensMixin, KTOTrainer):
         """KTOTrainer on LF feedback features (see KTOCollator).
@@ -86,7 +77,6 @@ def _make_trainers():
             self.args.train_sampling_strategy = "random"
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            _check_columns(dataset, KTO_COLUMNS, type(self).__name__)
             if dataset_name == "train":
                 tags = dataset["kto_tags"]
                 desirable = sum(bool(t) for t in tags)
@@ -95,7 +85,7 @@ def _make_trainers():
 
         def _set_signature_columns_if_needed(self):
             if self._signature_columns is None:
-                self._signature_columns = [*KTO_COLUMNS, "ref_logps", "ref_KL_logps"]
+                self._signature_columns = [*OBJECTIVES["kto"].columns, "ref_logps", "ref_KL_logps"]
 
     class PretokenizedORPOTrainer(CountTokensMixin, ORPOTrainer):
         """ORPOTrainer (trl.experimental) on LF pairwise features: the text tokenization step is the identity."""
@@ -125,7 +115,8 @@ _TRAINERS: dict[str, type] | None = None
 
 
 def trainer_class(kind: str) -> type:
-    """`trainer` (cpt/sft), `dpo`, `kto`, `orpo` or `cpo` -> the subclass."""
+    """An objective's `trainer` (tunepipe.train.objectives): `trainer` (cpt/sft), `dpo`, `kto`, `orpo` or `cpo` ->
+    the subclass."""
     global _TRAINERS
     if _TRAINERS is None:
         _TRAINERS = _make_trainers()
