@@ -4,6 +4,11 @@ corpus of ~1 GB of text: throughput and peak memory at two corpus sizes.
     bash bench/lf_venv.sh                 # once: LLaMA-Factory 0.9.5 in a side virtualenv (/work/lf-venv)
     .venv/bin/python bench/preprocess.py [--rows 50000] [--lf-venv /work/lf-venv] [--skip-lf]
     .venv/bin/python bench/preprocess.py --cpt [--cpt-gb 0.25,1.0] [--workers 2] [--workdir /tmp/cpt-bench]
+    .venv/bin/python bench/preprocess.py --encode [--rows 20000] [--repeat 3]
+
+Encode case (`--encode`): the sft processor on the same rows in this process, once with the tokenizer backend's
+public `encode_batch_fast` (BatchTokenizer's fast path) and once with the public `tokenizer(pieces)` call only;
+prints the best of --repeat wall times of each, the ratio, and whether the features are identical.
 
 CPT case (`--cpt`): a text corpus (one document per line: alpaca answers and the demo CPT texts, each made distinct
 with a row number) generated under the work dir at each size (never committed), the same 32k tokenizer, cutoff_len
@@ -210,6 +215,9 @@ def cpt_bench(args) -> None:
     tok = work / "tokenizer"
     if not (tok / "tokenizer.json").exists():
         make_tokenizer(tok)
+    if args.encode:
+        encode_bench(args, data, tok)
+        return
     lf_python = Path(args.lf_venv) / "bin" / "python"
     if not args.skip_lf and not lf_python.exists():
         sys.exit(f"no LLaMA-Factory venv at {args.lf_venv}: run `bash bench/lf_venv.sh` first")
@@ -251,6 +259,34 @@ def cpt_bench(args) -> None:
                   flush=True)
 
 
+def encode_bench(args, data: Path, tok: Path) -> None:
+    """BatchTokenizer's fast path against the public call, on the processor's real pieces (see --encode)."""
+    import numpy as np
+
+    from tunepipe.data.features import DataArgs, load_examples, load_template
+    from tunepipe.data.processors import BatchTokenizer, Processor, ProcessorOptions
+    from tunepipe.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tok))
+    data_args = DataArgs(dataset_dir=str(data), template="qwen", cutoff_len=args.cutoff_len)
+    template = load_template(data_args, tokenizer, stage="sft")
+    examples = load_examples(["bench_alpaca", "bench_tools"], data_args, "sft", np.random.RandomState(0), [], {})
+    best, outputs = {}, {}
+    for _ in range(args.repeat):
+        for label, fast in (("encode_batch_fast", True), ("tokenizer(pieces)", False)):
+            processor = Processor("sft", template, tokenizer, ProcessorOptions(cutoff_len=args.cutoff_len))
+            processor.batch = BatchTokenizer(tokenizer, fast=fast)
+            start = time.perf_counter()
+            outputs[label] = processor.process(examples)
+            best[label] = min(best.get(label, float("inf")), time.perf_counter() - start)
+    fast_s, public_s = best["encode_batch_fast"], best["tokenizer(pieces)"]
+    print(f"sft processor, {len(examples)} rows, qwen, cutoff_len {args.cutoff_len}, best of {args.repeat}")
+    print(f"encode_batch_fast (backend)  {fast_s:8.2f} s")
+    print(f"tokenizer(pieces) (public)   {public_s:8.2f} s")
+    print(f"gain                         {public_s / fast_s:8.2f} x; identical features: "
+          f"{'yes' if outputs['encode_batch_fast'] == outputs['tokenizer(pieces)'] else 'NO'}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--ours-cpt":
         data, tok, out, workers, cutoff = sys.argv[2:7]
@@ -266,6 +302,8 @@ def main() -> None:
     parser.add_argument("--cpt-gb", default="0.25,1.0", help="--cpt: corpus sizes in GB")
     parser.add_argument("--workers", type=int, default=2, help="--cpt: preprocessing_num_workers, both sides")
     parser.add_argument("--check", action="store_true", help="--cpt: also LF with one worker, to compare tokens")
+    parser.add_argument("--encode", action="store_true", help="BatchTokenizer's fast path vs the public call")
+    parser.add_argument("--repeat", type=int, default=3, help="--encode: runs of each, the best one counts")
     args = parser.parse_args()
     if args.cpt:
         cpt_bench(args)
@@ -278,6 +316,9 @@ def main() -> None:
         make_data(data, args.rows)
     if not (tok / "tokenizer.json").exists():
         make_tokenizer(tok)
+    if args.encode:
+        encode_bench(args, data, tok)
+        return
     common = ["--stage", "sft", "--dataset", "bench_alpaca,bench_tools", "--dataset-dir", str(data),
               "--template", "qwen", "--tokenizer", str(tok), "--cutoff-len", str(args.cutoff_len)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
