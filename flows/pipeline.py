@@ -6,8 +6,9 @@ per-stage logs and timings, artifacts (stage table, metrics, registry decision),
 MLflow gets one parent run per execution (flows/pipeline_runs.py); each stage process opens its child run under it
 (TUNEPIPE_PARENT_RUN_ID) and the flow tags it with the stage's DVC hashes from dvc.lock afterwards.
 
-Before anything runs, dvc.yaml is regenerated from params.yaml and the code (stages/dag.py): the one place this flow
-imports from stages/. The stages themselves it knows only by the names in dvc.yaml.
+Before anything runs, dvc.yaml is regenerated from params.yaml and the code (stages/dag.py, from each stage module's
+declaration); stages.common gives the dvc.lock hashes and the paths the stages declare (metrics_file). Those are the
+flow's only imports from stages/: the stages themselves it knows only by the names in dvc.yaml.
 
     tunepipe run [--force STAGE ...] [--json]      # ephemeral Prefect, nothing to start
     tunepipe serve --cron "0 2 * * *"               # a local Prefect server + a scheduled deployment
@@ -33,7 +34,7 @@ from prefect.states import Failed
 from flows import lifecycle, pipeline_runs
 from flows.lifecycle import PipelineStopped, project_lock
 from stages import dag
-from stages.common import dvc_lock_hashes
+from stages.common import dvc_lock_hashes, metrics_file
 from tunepipe.errors import PipelineBusy  # noqa: F401  (re-exported: what a busy project raises)
 from tunepipe.tracking import registry, store
 
@@ -229,7 +230,7 @@ def _run(root: Path, force: list[str], lock: lifecycle.ProjectLock, logger) -> A
 
     failed = [r for r in results if r["status"] in (FAILED, STOPPED)]
     decision = None
-    register = root / "metrics" / "register.json"
+    register = root / metrics_file("register")  # the paths the stages declare (stages/common.py)
     if not failed and register.exists():
         decision = json.loads(register.read_text())
     registered = any(r["name"] == "register" and r["status"] == RAN for r in results)
@@ -240,7 +241,7 @@ def _run(root: Path, force: list[str], lock: lifecycle.ProjectLock, logger) -> A
         return Failed(message=str(stopped), data={"stages": results, "model": None, "stopped": stopped.signum})
     create_table_artifact(key="stage-results", table=[{k: r[k] for k in ("name", "status", "seconds")}
                                                       for r in results], description="tunepipe stages")
-    evaluate = root / "metrics" / "evaluate.json"
+    evaluate = root / metrics_file("evaluate")
     if evaluate.exists():
         create_markdown_artifact(key="metrics", markdown="```json\n" + evaluate.read_text() + "\n```")
     create_markdown_artifact(key="pipeline-summary", markdown=_summary_markdown(results, decision))

@@ -13,6 +13,15 @@ import json
 
 from stages import common
 
+TINY_CORPUS = "tunepipe/assets/tiny_corpus.jsonl"  # the tiny model's tokenizer is trained on this frozen corpus
+
+
+def dvc_entry(name: str, spec, steps) -> common.Entry:
+    from tunepipe.config import TINY
+
+    return common.Entry(cmd="python -m stages.base", module="stages.base",
+                        deps=[TINY_CORPUS] if spec.model_name_or_path == TINY else [], outs=[common.base_model_dir()])
+
 
 def main(argv: list[str]) -> None:
     from tunepipe.io import atomic_dir

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,52 @@ def model_dir(stage: str) -> Path:
     return OUTPUTS / "models" / stage
 
 
+def health_file(stage: str) -> Path:
+    """The prepare stage's data health report (rows in, dropped by reason, truncated, lengths)."""
+    return data_dir(stage) / "health.json"
+
+
+def merge_report(stage: str) -> Path:
+    return model_dir(stage) / "merge_report.json"
+
+
+def loss_curve(stage: str, suffix: str) -> Path:
+    """plots/loss_<stage>.csv|.png: the train stage's loss curve."""
+    return PLOTS / f"loss_{stage}.{suffix}"
+
+
+def samples_file() -> Path:
+    """metrics/samples.json: the evaluate stage's generated answers beside their references."""
+    return METRICS / "samples.json"
+
+
 def metrics_file(step: str, stage: str | None = None) -> Path:
     """metrics/<file>.json of a pipeline step: data_<stage> (prepare), train_<stage>, merge_<stage>, evaluate, ..."""
     name = {"prepare": "data"}.get(step, step)
     return METRICS / (f"{name}_{stage}.json" if stage else f"{name}.json")
+
+
+@dataclass
+class Entry:
+    """A stage's DVC entry as its module declares it (`dvc_entry(name, spec, steps)`, from this module's path
+    functions). stages/dag.py adds the code dependencies (the project modules `module` imports), the plan sections
+    as params, resolves the datasets to files, and writes dvc.yaml."""
+
+    cmd: str
+    module: str  # stages.<name>: the project modules it imports are its code dependencies
+    deps: list[Path | str] = field(default_factory=list)  # earlier outputs and project files, relative to the root
+    datasets: list[str | None] = field(default_factory=list)  # dataset names: dataset_info.json + their local files
+    files: list[str] = field(default_factory=list)  # paths as params.yaml wrote them (launch configs, questions)
+    outs: list[Path | str] = field(default_factory=list)  # cached by DVC
+    uncached: list[Path | str] = field(default_factory=list)  # tracked, not cached (rebuilt in seconds)
+    metrics: list[Path | str] = field(default_factory=list)
+    plots: dict[Path | str, dict[str, Any]] = field(default_factory=dict)  # path -> DVC plot options (x, y)
+    artifacts: list[Path | str] = field(default_factory=list)  # files the flow attaches to the stage's MLflow run
+    sections: list[str] | None = None  # the plan sections it reads; None: its own step's
+    tracking: bool = False  # its code dependencies follow tunepipe.tracking (it writes to the registry)
+    values: bool = False  # its code dependencies include the values-only modules (it writes the plan)
+    persist: bool = False  # DVC never restores its metrics from the run cache instead of running it
+    optional: list[str] = field(default_factory=list)  # deps kept only where the file exists
 
 
 def base_model_path() -> str:
@@ -71,6 +114,11 @@ def base_model_path() -> str:
     if (base / "base_model.json").exists():
         return json.loads((base / "base_model.json").read_text())["model_name_or_path"]
     raise ConfigError(f"no base model in {base}: run the base stage first (`dvc repro base`)")
+
+
+def input_model_dir(previous: str | None) -> Path:
+    """The output a stage's input model comes from: the previous enabled stage's merged model, else the base."""
+    return model_dir(previous) if previous else base_model_dir()
 
 
 def input_model_path(previous: str | None) -> str:

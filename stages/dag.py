@@ -4,7 +4,9 @@
     python -m stages.dag --check  # exit 1 if dvc.yaml does not match params.yaml and the code
 
 The steps and their order come from the plan (tunepipe.plan): a switched-off stage disappears and the next stage
-depends on the last enabled stage's merged model. Each step depends on
+depends on the last enabled stage's merged model. Each step's entry (command, data deps, outs, metrics, plots,
+artifacts) is declared by its stage module (`dvc_entry`, from stages/common.py's path functions); this module adds
+what every entry shares. Each step depends on
 
 - its values: its own section of outputs/params.yaml (written by the `params` step), so a changed value reruns
   exactly the steps that read it, and nothing else;
@@ -22,12 +24,14 @@ times (workspace, DVC cache, MLflow registry).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from stages import common, register
+from stages import common
+from stages.launch import train_command  # noqa: F401  (where it lived: tests and users call dag.train_command)
 
 HEADER = ("# Generated from params.yaml by `python -m stages.dag` (tunepipe run does it for you): edit params.yaml,\n"
           "# not this file. One stage per pipeline step; see docs/pipeline.md.\n")
@@ -35,9 +39,6 @@ PLAN = str(common.PLAN)
 # Modules whose effect on a stage is entirely the plan's values (declared as params, compared by DVC).
 VALUES_ONLY = ("tunepipe.config", "tunepipe.plan")
 TRACKING = "tunepipe.tracking"
-TINY_CORPUS = "tunepipe/assets/tiny_corpus.jsonl"
-LM_EVAL_TASKS = "tunepipe/assets/lm_eval"  # read by lm_eval at run time (YAML + its utils), not imported
-CHAT_MODEL = "tunepipe/tracking/chat_model.py"  # the registered model's code (MLflow models-from-code)
 
 
 class CodeGraph:
@@ -103,135 +104,57 @@ def dataset_files(root: Path, dataset_dir: str, names: list[str]) -> list[str]:
     return sorted(set(files))
 
 
-def train_command(stage: str, train) -> str:
-    """The train stage's command: `python -m stages.train <stage>`, or that module under torchrun / accelerate
-    launch with the stage's launcher keys (tunepipe.config.TrainParams). Every process runs the same trainer
-    (gloo on CPU, nccl on GPU); only rank 0 writes. Multi-machine runs: each machine sets its own rank
-    (PET_NODE_RANK for torchrun, machine_rank in its accelerate config)."""
-    import shlex
-
-    from tunepipe.errors import ConfigError
-
-    key = f"stages.{stage}"
-    module = f"-m stages.train {stage}"
-    if train.config_file is not None and train.launcher != "accelerate":
-        raise ConfigError("config_file is an accelerate config: set launcher: accelerate", key=f"{key}.config_file")
-    if train.launcher == "none":
-        extra = [name for name in ("nproc_per_node", "nnodes", "master_addr", "master_port")
-                 if getattr(train, name) not in (None, 1)]
-        if extra:
-            raise ConfigError(f"{', '.join(extra)} need a launcher: set launcher: torchrun or accelerate",
-                              key=f"{key}.launcher")
-        return f"python {module}"
-    def flags(*pairs: tuple[str, Any]) -> list[str]:
-        return [f"{flag} {value}" for flag, value in pairs if value is not None]
-
-    def quoted(value: str | None) -> str | None:
-        return shlex.quote(value) if value is not None else None
-
-    if train.launcher == "torchrun":
-        parts = ["torchrun", *flags(("--nnodes", train.nnodes), ("--nproc-per-node", train.nproc_per_node),
-                                    ("--master-addr", quoted(train.master_addr)),
-                                    ("--master-port", train.master_port))]
-    else:  # accelerate counts processes over all machines
-        processes = train.nproc_per_node * (train.nnodes or 1) if train.nproc_per_node is not None else None
-        parts = ["accelerate launch", *flags(("--config_file", quoted(train.config_file)),
-                                             ("--num_processes", processes), ("--num_machines", train.nnodes),
-                                             ("--main_process_ip", quoted(train.master_addr)),
-                                             ("--main_process_port", train.master_port))]
-    return " ".join([*parts, module])
+# The stage module that declares each step's entry (`dvc_entry`). Imported by name: a stage module imports the
+# training stack inside its main() only, which import-linter's static contracts cannot tell from a module-level
+# import; tests/test_architecture.py checks at run time that building dvc.yaml loads none of it.
+MODULES = {step: f"stages.{step}" for step in ("params", "base", "prepare", "train", "merge", "evaluate", "register")}
 
 
 def build(root: Path, params) -> dict[str, Any]:
-    """The dvc.yaml document for `params`."""
-    from tunepipe.config import TINY
+    """The dvc.yaml document for `params`: each enabled step's entry, as its stage module declares it."""
     from tunepipe.plan import plan
 
     steps = plan(params)
     code = CodeGraph(root)
-    info = _relative(root, root / params.data.dataset_dir / "dataset_info.json")
-    base = "outputs/models/base"
-
-    def values(name: str) -> list[dict[str, list[str]]]:
-        return [{PLAN: [name]}]
-
-    def model_of(previous: str | None) -> str:
-        return f"outputs/models/{previous}" if previous else base
-
-    def data_files(stage: str, *, replay: bool = False) -> list[str]:
-        s = params.stage(stage)
-        names = [s.dataset, s.eval_dataset, *([s.replay_dataset] if replay and s.replay_ratio > 0 else [])]
-        return [info, *dataset_files(root, params.data.dataset_dir, names)]
-
-    # pyproject.toml: its [project] name is the registered model's default name (tunepipe.config.project_name)
-    project = ["pyproject.toml"] if (root / "pyproject.toml").is_file() else []
-    stages: dict[str, Any] = {
-        "params": {"cmd": "python -m stages.params",
-                   "deps": ["params.yaml", *project, *code.files("stages.params", values=True)], "outs": [PLAN]},
-    }
-    base_deps = code.files("stages.base")
-    if params.model.model_name_or_path == TINY:  # its tokenizer is trained on this frozen corpus
-        base_deps.append(TINY_CORPUS)
-    stages["base"] = {"cmd": "python -m stages.base", "params": values("base"), "deps": base_deps, "outs": [base]}
-    for name, spec in steps.items():
-        step, _, stage = name.partition("-")
-        if step == "prepare":
-            stages[name] = {
-                "cmd": f"python -m stages.prepare {stage}", "params": values(name),
-                "deps": [*code.files("stages.prepare"), *data_files(stage, replay=True), base],
-                "outs": [f"outputs/data/{stage}"],
-                "metrics": [{f"metrics/data_{stage}.json": {"cache": False}}],
-                "meta": {"artifacts": [f"outputs/data/{stage}/health.json"]},
-            }
-        elif step == "train":
-            launch_configs = [_relative(root, root / p) for p in (spec.train.deepspeed, spec.train.config_file) if p]
-            stages[name] = {
-                "cmd": train_command(stage, spec.train), "params": values(name),
-                "deps": [*code.files("stages.train"), f"outputs/data/{stage}", base, model_of(spec.previous),
-                         *launch_configs],
-                "outs": [f"outputs/adapters/{stage}"],
-                "metrics": [{f"metrics/train_{stage}.json": {"cache": False}}],
-                "plots": [{f"plots/loss_{stage}.csv": {"cache": False, "x": "step", "y": "loss"}},
-                          {f"plots/loss_{stage}.png": {"cache": False}}],
-            }
-        elif step == "merge":
-            chat = data_files(stage) if spec.dataset else []  # the template round trip reads these conversations
-            stages[name] = {
-                "cmd": f"python -m stages.merge {stage}", "params": values(name),
-                "deps": [*code.files("stages.merge"), f"outputs/adapters/{stage}", base, model_of(spec.previous),
-                         *chat],
-                "outs": [{f"outputs/models/{stage}": {"cache": False}}],
-                "metrics": [{f"metrics/merge_{stage}.json": {"cache": False}}],
-                "meta": {"artifacts": [f"outputs/models/{stage}/merge_report.json"]},
-            }
-        elif step == "evaluate":
-            enabled = list(spec.stages)
-            knowledge = [_relative(root, root / spec.dataset_dir / spec.evaluate.knowledge_file)
-                         ] if spec.evaluate.knowledge_file else []
-            stages[name] = {
-                "cmd": "python -m stages.evaluate", "params": values(name),
-                "deps": [*code.files("stages.evaluate"), LM_EVAL_TASKS, base,
-                         *[f"outputs/models/{s}" for s in enabled], *[f"outputs/data/{s}" for s in enabled],
-                         *(data_files("sft") if spec.sft else []), *knowledge],
-                "metrics": [{"metrics/evaluate.json": {"cache": False}}],
-                "outs": [{"metrics/samples.json": {"cache": False}}],
-                "meta": {"artifacts": ["metrics/samples.json"]},
-            }
-        elif step == "register":
-            # the recipe sections and row counts are the model's lineage; chat_model.py is not imported but copied
-            # into the registered model; `persist` keeps DVC's run cache from ever restoring register.json instead
-            # of running the stage (the registry would not hear of it)
-            recipe = register.recipe_steps(steps)
-            stages[name] = {
-                "cmd": "python -m stages.register", "params": [{PLAN: [name, *recipe]}],
-                "deps": [*code.files("stages.register", tracking=True), CHAT_MODEL, "metrics/evaluate.json",
-                         *[f"metrics/data_{n.partition('-')[2]}.json" for n in recipe if n.startswith("prepare-")],
-                         f"outputs/models/{spec.final_stage}"],
-                "metrics": [{"metrics/register.json": {"cache": False, "persist": True}}],
-            }
-    for body in stages.values():  # a path listed twice (e.g. a dataset used for train and eval) once
-        body["deps"] = list(dict.fromkeys(body["deps"]))
+    stages: dict[str, Any] = {}
+    for name in ("params", *steps):
+        module = importlib.import_module(MODULES[name.partition("-")[0]])
+        entry = module.dvc_entry(name, steps.get(name), steps)
+        stages[name] = _stage(root, params, code, name, entry)
     return {"stages": stages}
+
+
+def _stage(root: Path, params, code: CodeGraph, name: str, entry: common.Entry) -> dict[str, Any]:
+    """One dvc.yaml stage from a declaration: + its code, its plan sections, its datasets' files."""
+    names = [n for n in entry.datasets if n]
+    data = [_relative(root, root / params.data.dataset_dir / "dataset_info.json"),
+            *dataset_files(root, params.data.dataset_dir, names)] if names else []
+    if entry.values:  # the params stage: params.yaml first, then the code that turns it into the plan
+        deps = [*map(_posix, entry.deps), *(d for d in entry.optional if (root / d).is_file()),
+                *code.files(entry.module, values=True)]
+    else:
+        deps = [*code.files(entry.module, tracking=entry.tracking), *map(_posix, entry.deps), *data,
+                *(_relative(root, root / f) for f in entry.files)]
+    body: dict[str, Any] = {"cmd": entry.cmd}
+    sections = [name] if entry.sections is None else entry.sections
+    if sections:
+        body["params"] = [{PLAN: sections}]
+    body["deps"] = list(dict.fromkeys(deps))  # a path listed twice (a dataset for train and eval) once
+    outs = [*map(_posix, entry.outs), *({_posix(o): {"cache": False}} for o in entry.uncached)]
+    if outs:
+        body["outs"] = outs
+    metric = {"cache": False, **({"persist": True} if entry.persist else {})}
+    if entry.metrics:
+        body["metrics"] = [{_posix(m): dict(metric)} for m in entry.metrics]
+    if entry.plots:
+        body["plots"] = [{_posix(path): {"cache": False, **options}} for path, options in entry.plots.items()]
+    if entry.artifacts:
+        body["meta"] = {"artifacts": [_posix(a) for a in entry.artifacts]}
+    return body
+
+
+def _posix(path: Path | str) -> str:
+    return Path(path).as_posix()
 
 
 def render(root: Path, params) -> str:

@@ -20,6 +20,21 @@ from stages import common
 log = logging.getLogger("stages.evaluate")
 
 
+LM_EVAL_TASKS = "tunepipe/assets/lm_eval"  # read by lm_eval at run time (YAML + its utils), not imported
+
+
+def dvc_entry(name: str, spec, steps) -> common.Entry:
+    knowledge = spec.evaluate.knowledge_file
+    return common.Entry(
+        cmd="python -m stages.evaluate", module="stages.evaluate",
+        deps=[LM_EVAL_TASKS, common.base_model_dir(), *map(common.model_dir, spec.stages),
+              *map(common.data_dir, spec.stages)],
+        datasets=[spec.sft.dataset, spec.sft.eval_dataset] if spec.sft else [],  # the generation prompts
+        files=[f"{spec.dataset_dir}/{knowledge}"] if knowledge else [],
+        metrics=[common.metrics_file("evaluate")], uncached=[common.samples_file()],
+        artifacts=[common.samples_file()])
+
+
 def load_eval(stage: str, limit: int) -> dict | None:
     from datasets import load_from_disk
 
@@ -85,7 +100,7 @@ def main(argv: list[str]) -> None:
                                 inputs=dict(spec.stages), load=load)
     add_knowledge(spec, results, samples, models, tokenizer, template, dict(spec.stages), load=load)
     atomic_write_text(common.metrics_file("evaluate"), json.dumps(results, indent=2) + "\n")
-    atomic_write_text(common.METRICS / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(common.samples_file(), json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
     print(format_table(results, list(models)), file=sys.stderr)
 
 

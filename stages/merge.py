@@ -25,6 +25,16 @@ from tunepipe.config import STAGES
 DATA_CONVERSATIONS = 32
 
 
+def dvc_entry(name: str, spec, steps) -> common.Entry:
+    stage = spec.stage
+    return common.Entry(
+        cmd=f"python -m stages.merge {stage}", module="stages.merge",
+        deps=[common.adapter_dir(stage), common.base_model_dir(), common.input_model_dir(spec.previous)],
+        datasets=[spec.dataset],  # the template round trip reads these conversations
+        uncached=[common.model_dir(stage)], metrics=[common.metrics_file("merge", stage)],
+        artifacts=[common.merge_report(stage)])
+
+
 def check_conversations(spec, args) -> list[dict]:
     import numpy as np
 

@@ -34,6 +34,12 @@ def write(root: Path = common.ROOT) -> Path:
     return root / common.PLAN
 
 
+def dvc_entry(name: str, spec, steps) -> common.Entry:
+    # pyproject.toml: its [project] name is the registered model's default name (tunepipe.config.project_name)
+    return common.Entry(cmd="python -m stages.params", module="stages.params", deps=["params.yaml"],
+                        optional=["pyproject.toml"], outs=[common.PLAN], sections=[], values=True)
+
+
 def main(argv: list[str]) -> None:
     common.work_begins("params")
     print(f"plan: {write()}")

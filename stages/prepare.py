@@ -18,6 +18,15 @@ from stages import common
 from tunepipe.config import STAGES
 
 
+def dvc_entry(name: str, spec, steps) -> common.Entry:
+    stage = spec.stage
+    return common.Entry(
+        cmd=f"python -m stages.prepare {stage}", module="stages.prepare", deps=[common.base_model_dir()],
+        datasets=[spec.dataset, spec.eval_dataset, spec.replay.dataset if spec.replay else None],
+        outs=[common.data_dir(stage)], metrics=[common.metrics_file("prepare", stage)],
+        artifacts=[common.health_file(stage)])
+
+
 def main(argv: list[str]) -> None:
     from tunepipe.data import health
     from tunepipe.data.features import DataArgs, prepare_to_disk

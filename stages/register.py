@@ -32,6 +32,22 @@ from stages import common
 RECIPE_STEPS = ("prepare", "train")  # plan sections that describe how the registered model was made
 
 
+CHAT_MODEL = "tunepipe/tracking/chat_model.py"  # the registered model's code (MLflow models-from-code)
+
+
+def dvc_entry(name: str, spec, steps) -> common.Entry:
+    # the recipe sections and row counts are the model's lineage; chat_model.py is not imported but copied into
+    # the registered model; `persist` keeps DVC's run cache from ever restoring register.json instead of running
+    # the stage (the registry would not hear of it)
+    recipe = recipe_steps(steps)
+    return common.Entry(
+        cmd="python -m stages.register", module="stages.register", sections=[name, *recipe], tracking=True,
+        deps=[CHAT_MODEL, common.metrics_file("evaluate"),
+              *[common.metrics_file("prepare", n.partition("-")[2]) for n in recipe if n.startswith("prepare-")],
+              common.model_dir(spec.final_stage)],
+        metrics=[common.metrics_file("register")], persist=True)
+
+
 def recipe_steps(plan: dict[str, Any]) -> list[str]:
     """The prepare-<stage> and train-<stage> steps of the plan (stages/dag.py declares the same as DVC params)."""
     return [name for name in plan if name.split("-", 1)[0] in RECIPE_STEPS]

@@ -26,7 +26,18 @@ from __future__ import annotations
 import os
 
 from stages import common
+from stages.launch import train_command
 from tunepipe.config import STAGES
+
+
+def dvc_entry(name: str, spec, steps) -> common.Entry:
+    stage = spec.stage
+    return common.Entry(
+        cmd=train_command(stage, spec.train), module="stages.train",
+        deps=[common.data_dir(stage), common.base_model_dir(), common.input_model_dir(spec.previous)],
+        files=[p for p in (spec.train.deepspeed, spec.train.config_file) if p],
+        outs=[common.adapter_dir(stage)], metrics=[common.metrics_file("train", stage)],
+        plots={common.loss_curve(stage, "csv"): {"x": "step", "y": "loss"}, common.loss_curve(stage, "png"): {}})
 
 
 def main(argv: list[str]) -> None:
