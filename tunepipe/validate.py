@@ -21,7 +21,6 @@ import difflib
 import json
 import os
 import posixpath
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,17 +176,18 @@ TINY_MODULES = ("model.embed_tokens", "model.norm", "lm_head", *(
 
 def hf_cache_dir() -> Path:
     """Where huggingface_hub keeps downloaded repos (its own environment variables, in its order)."""
-    if os.getenv("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.getenv("HF_HOME") or os.path.join(os.getenv("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                                                "huggingface")
-    return Path(home) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
-    snapshots = hf_cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-    found = sorted(p for p in snapshots.glob("*") if (p / "config.json").exists()) if snapshots.is_dir() else []
-    return found[-1] if found else None
+    """The snapshot of `repo_id` that an offline `from_pretrained` loads (huggingface_hub's resolution of the
+    cache's refs/main), if its config.json is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
 
 
 def model_folder(root: Path, model: str) -> Path | str | None:
@@ -223,7 +223,9 @@ def model_modules(root: Path, model: str) -> list[str] | None:
 
 
 def weight_modules(folder: Path) -> list[str] | None:
-    """Module names from the safetensors index or the safetensors headers (8-byte length + JSON), no torch."""
+    """Module names from the safetensors index or the safetensors headers (safetensors' numpy reader, no torch)."""
+    from safetensors import SafetensorError, safe_open
+
     index = folder / "model.safetensors.index.json"
     try:
         if index.is_file():
@@ -231,10 +233,9 @@ def weight_modules(folder: Path) -> list[str] | None:
         else:
             tensors = []
             for file in sorted(folder.glob("*.safetensors")):
-                with open(file, "rb") as handle:
-                    (size,) = struct.unpack("<Q", handle.read(8))
-                    tensors += [k for k in json.loads(handle.read(size)) if k != "__metadata__"]
-    except (OSError, ValueError, struct.error):
+                with safe_open(str(file), framework="numpy") as handle:
+                    tensors += list(handle.keys())
+    except (OSError, ValueError, SafetensorError):
         return None
     modules = sorted({name.rsplit(".", 1)[0] for name in tensors if "." in name})
     return modules or None
