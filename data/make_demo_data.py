@@ -446,7 +446,7 @@ def build() -> dict[str, str]:
     }
 
 
-# The tiny model's tokenizer is trained on a frozen snapshot of the demo texts (tunepipe/models.py): the same strings
+# The tiny model's tokenizer is trained on a frozen snapshot of the demo texts (tunepipe/models/tiny.py): the same strings
 # as its DEMO_CORPUS_FILES, one JSON object per line. Written (and checked) with the default --out-dir only.
 SNAPSHOT = HERE.parent / "tunepipe" / "assets" / "tiny_corpus.jsonl"
 CORPUS_FILES = ("demo_cpt.txt", "demo_cpt_eval.txt", "demo_sft.json", "demo_sft_eval.json", "demo_sft_chat.json",

@@ -2,7 +2,7 @@
 
 An existing LLaMA-Factory data folder must work unchanged, so the attribute names, defaults, the source priority
 (hub > script > cloud file > file) and the "a present `columns`/`tags` block replaces all defaults" rule are LF's
-(reference: llamafactory-data-semantics.md §1). What differs is the failure mode: LF raises a bare `KeyError` for an
+(LF 0.9.5's data/parser.py). What differs is the failure mode: LF raises a bare `KeyError` for an
 entry without `file_name`, accepts any type for any key and fails much later; here every problem is a one-line
 `DataError` naming the dataset, the file and the key.
 """

@@ -6,7 +6,7 @@
    on a few probe conversations;
 2. `merge_and_unload()`; with `finetuning_type: full` the adapter directory already holds full weights and is
    re-saved as is;
-3. apply the *template contract* (user-pain-points.md #6-8, LLaMA-Factory export bugs §5.2): the saved tokenizer is
+3. apply the *template contract* (docs/templates.md, "Exported chat_template"): the saved tokenizer is
    the base tokenizer after `template.fix_tokenizer` (EOS replacement, pad, stop words) with
    `chat_template = template.jinja_template(tokenizer)`; `config.eos_token_id` and `generation_config.eos_token_id`
    are the list of the template's stop ids (plus the input model's own EOS ids), `pad_token_id` is set;
@@ -39,7 +39,7 @@ from tunepipe.models.loading import load_causal_lm
 log = logging.getLogger(__name__)
 
 # Max |merged - unmerged| logit allowed, by the dtype the model is merged in. PEFT's own merge error is ~3e-7 in fp32
-# (orchestration-facts.md §5.5); 16-bit formats round every merged weight, so their bound is only a sanity check.
+# (measured here on the tiny model; docs/stages.md lists the demo's figures); 16-bit formats round every merged weight, so their bound is only a sanity check.
 LOGIT_TOLERANCE = {"float32": 1e-4, "float64": 1e-8, "float16": 5e-2, "bfloat16": 0.5}
 PROBE_CONVERSATIONS = 4
 PROBE_MAX_TOKENS = 256
@@ -323,6 +323,32 @@ def trained_quantization(adapter_dir: str | Path) -> str | None:
     return json.loads(meta.read_text(encoding="utf-8")).get("quantization")
 
 
+def _check_stop_ids(model, template, tokenizer) -> None:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    too_big = [t for t in template.stop_token_ids(tokenizer) if t >= vocab]
+    if too_big:
+        raise MergeError(f"template stop ids {too_big} are outside the model's {vocab}-row embedding: the template "
+                         "added tokens the model was not resized for")
+
+
+def _problems(roundtrip: dict | None, diff: float, tolerance: float, dtype_name: str, saved: tuple,
+              expected: tuple) -> list[str]:
+    """Why the saved merge is refused: the chat_template round trip (None: not enforced), the logits, the EOS."""
+    (saved_tok, saved_eos), (tokenizer, eos) = saved, expected
+    problems = []
+    if roundtrip is not None and roundtrip["mismatches"]:
+        m = roundtrip["first_mismatch"]
+        problems.append(f"chat_template round-trip failed for {roundtrip['mismatches']}/"
+                        f"{roundtrip['conversations']} conversations (first: #{m['conversation']} at token "
+                        f"{m['position']}: encoder {m['encoder']!r} vs chat_template {m['chat_template']!r})")
+    if not diff <= tolerance:  # also catches NaN
+        problems.append(f"merged logits differ from the adapter model's by {diff:.3g} (> {tolerance:g} in "
+                        f"{dtype_name})")
+    if saved_tok.eos_token_id != tokenizer.eos_token_id or list(saved_eos) != eos:
+        problems.append(f"saved EOS {saved_tok.eos_token!r}/{saved_eos} does not match the template's {eos}")
+    return problems
+
+
 def merge_adapter(
     input_model: str | Path,
     adapter_dir: str | Path,
@@ -353,11 +379,7 @@ def merge_adapter(
                                trust_remote_code=trust_remote_code, dtype=dtype)
     dtype_name = _dtype_name(model)
     tolerance = logit_tolerance if logit_tolerance is not None else LOGIT_TOLERANCE.get(dtype_name, 1e-4)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    too_big = [t for t in template.stop_token_ids(tokenizer) if t >= vocab]
-    if too_big:
-        raise MergeError(f"template stop ids {too_big} are outside the model's {vocab}-row embedding: the template "
-                         "added tokens the model was not resized for")
+    _check_stop_ids(model, template, tokenizer)
     adapter_logits = probe_logits(model, probes)
     if not full:
         model = model.merge_and_unload()
@@ -377,17 +399,8 @@ def merge_adapter(
         generation = smoke_generation(merged, saved_tok, conversations[0], max_new_tokens)
         saved_eos = merged.generation_config.eos_token_id
 
-        problems = []
-        if roundtrip["mismatches"] and strict_template:
-            m = roundtrip["first_mismatch"]
-            problems.append(f"chat_template round-trip failed for {roundtrip['mismatches']}/"
-                            f"{roundtrip['conversations']} conversations (first: #{m['conversation']} at token "
-                            f"{m['position']}: encoder {m['encoder']!r} vs chat_template {m['chat_template']!r})")
-        if not diff <= tolerance:  # also catches NaN
-            problems.append(f"merged logits differ from the adapter model's by {diff:.3g} (> {tolerance:g} in "
-                            f"{dtype_name})")
-        if saved_tok.eos_token_id != tokenizer.eos_token_id or list(saved_eos) != eos:
-            problems.append(f"saved EOS {saved_tok.eos_token!r}/{saved_eos} does not match the template's {eos}")
+        problems = _problems(roundtrip if strict_template else None, diff, tolerance, dtype_name,
+                             (saved_tok, saved_eos), (tokenizer, eos))
         if problems:
             raise MergeError(f"merge into {out_dir} refused: " + "; ".join(problems))
 

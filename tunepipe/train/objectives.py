@@ -9,8 +9,8 @@
     kto        kto    -                       KTOConfig           PretokenizedKTOTrainer  KTOCollator
 
 The table is plain data (names, column tuples, small functions of the stage's values; classes by name), so
-tunepipe.config reads its vocabulary from here without loading the training stack (an import-linter contract). tunepipe.train.recipe builds a stage's trainer
-from its row; tunepipe.train.trainers takes the columns from here.
+tunepipe.config reads its vocabulary from here without loading the training stack (an import-linter contract).
+tunepipe.train.recipe builds a stage's trainer from its row; tunepipe.train.trainers takes the columns from here.
 """
 
 from __future__ import annotations
